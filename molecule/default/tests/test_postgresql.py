@@ -1,0 +1,138 @@
+"""The live server on one node: settings in force, TLS and scram-sha-256 only."""
+
+import time
+
+import pytest
+
+testinfra_hosts = ["postgresql"]
+
+
+@pytest.fixture(scope="module")
+def lab_vars(host):
+    return host.ansible.get_variables()
+
+
+def sql(host, query):
+    """Run a query as the postgres OS user over the Unix socket (peer auth)."""
+    result = host.run("runuser -u postgres -- psql -XAtq -c %s", query)
+    assert result.rc == 0, result.stderr
+    return result.stdout.strip()
+
+
+def tcp_login(host, user, password, conninfo, query="SELECT 1"):
+    return host.run(
+        "PGPASSWORD=%s psql -XAtq %s -c %s",
+        password,
+        f"user={user} dbname=postgres connect_timeout=5 {conninfo}",
+        query,
+    )
+
+
+def test_service_is_running_and_enabled(host):
+    service = host.service("postgresql@15-main")
+    assert service.is_running
+    assert service.is_enabled
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("archive_mode", "on"),
+        ("wal_level", "replica"),
+        ("ssl", "on"),
+        ("password_encryption", "scram-sha-256"),
+        ("data_checksums", "on"),
+        ("archive_timeout", "1min"),
+        ("log_connections", "on"),
+        ("log_checkpoints", "on"),
+        ("hot_standby", "on"),
+    ],
+)
+def test_setting_is_live(host, setting, expected):
+    assert sql(host, f"SHOW {setting}") == expected
+
+
+def test_no_setting_waits_for_a_restart(host):
+    assert sql(host, "SELECT count(*) FROM pg_settings WHERE pending_restart") == "0"
+
+
+def test_hba_has_no_trust_or_md5(host):
+    rules = sql(host, "SELECT DISTINCT auth_method FROM pg_hba_file_rules WHERE error IS NULL")
+    assert set(rules.split()) <= {"scram-sha-256", "peer", "reject"}
+    assert sql(host, "SELECT count(*) FROM pg_hba_file_rules WHERE error IS NOT NULL") == "0"
+
+
+def test_roles_store_scram_verifiers(host, lab_vars):
+    for user in ("dba", "replicator", "pgbackup"):
+        verifier = sql(host, f"SELECT rolpassword FROM pg_authid WHERE rolname = '{user}'")
+        assert verifier.startswith("SCRAM-SHA-256$"), user
+
+
+def test_scram_login_over_verified_tls_works(host, lab_vars):
+    result = tcp_login(
+        host,
+        "dba",
+        lab_vars["postgresql_admin_password"],
+        "host=localhost sslmode=verify-full sslrootcert=/etc/postgresql/ssl/server.crt",
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    )
+    assert result.rc == 0, result.stderr
+    assert result.stdout.strip() == "t"
+
+
+def test_login_without_tls_is_refused(host, lab_vars):
+    result = tcp_login(host, "dba", lab_vars["postgresql_admin_password"], "host=127.0.0.1 sslmode=disable")
+    assert result.rc != 0
+    assert "no encryption" in result.stderr
+
+
+def test_wrong_password_is_refused(host):
+    result = tcp_login(host, "dba", "not-the-password", "host=127.0.0.1 sslmode=require")
+    assert result.rc != 0
+    assert "password authentication failed" in result.stderr
+
+
+def test_legacy_md5_password_cannot_log_in(host):
+    # A role whose stored password is an md5 hash cannot pass scram-sha-256.
+    sql(host, "DROP ROLE IF EXISTS legacy_md5")
+    sql(host, "SET password_encryption = 'md5'; CREATE ROLE legacy_md5 LOGIN PASSWORD 'legacy-password'")
+    try:
+        assert sql(host, "SELECT rolpassword FROM pg_authid WHERE rolname = 'legacy_md5'").startswith("md5")
+        result = tcp_login(host, "legacy_md5", "legacy-password", "host=127.0.0.1 sslmode=require")
+        assert result.rc != 0
+        assert "password authentication failed" in result.stderr
+    finally:
+        sql(host, "DROP ROLE legacy_md5")
+
+
+def test_completed_wal_segments_are_archived(host):
+    before = int(sql(host, "SELECT archived_count FROM pg_stat_archiver"))
+    segment = sql(
+        host,
+        "CREATE TABLE IF NOT EXISTS archive_probe(x int); INSERT INTO archive_probe VALUES (1);"
+        " SELECT pg_walfile_name(pg_switch_wal())",
+    ).splitlines()[-1]
+    archived = host.file(f"/var/lib/postgresql/wal_archive/{segment}")
+    deadline = time.monotonic() + 30
+    while not archived.exists and time.monotonic() < deadline:
+        time.sleep(1)
+    assert archived.exists, f"{segment} was not archived within 30 s"
+    assert archived.user == "postgres"
+    assert int(sql(host, "SELECT archived_count FROM pg_stat_archiver")) > before
+    assert sql(host, "SELECT failed_count FROM pg_stat_archiver") == "0"
+
+
+def test_archive_refuses_to_overwrite_a_segment(host):
+    # The archive_command must fail (so PostgreSQL retries) rather than overwrite.
+    command = sql(host, "SHOW archive_command")
+    existing = host.run("ls /var/lib/postgresql/wal_archive | grep -v part | head -n1").stdout.strip()
+    assert existing
+    probe = command.replace("%f", existing).replace("%p", "/etc/hostname")
+    result = host.run("runuser -u postgres -- sh -c %s", probe)
+    assert result.rc != 0
+
+
+def test_private_key_is_private(host):
+    key = host.file("/etc/postgresql/ssl/server.key")
+    assert key.user == "postgres"
+    assert key.mode == 0o600
