@@ -1,0 +1,218 @@
+"""The on-host command line: `pgbackup SUBCOMMAND ...`, as cron and operators call it.
+
+Exit 0 on success; on failure one line `pgbackup: error: ...` on stderr and a
+non-zero exit. Connection settings come from libpq's environment and passfile:
+there is deliberately no password option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__, backup, crypto, restore, retention
+from .errors import BusyError, PgBackupError, RefusedError
+
+EXIT_FAILURE = 1
+EXIT_REFUSED = 3
+EXIT_BUSY = 4
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _print(result, as_json: bool, human: str):
+    print(json.dumps(result, indent=2, sort_keys=True) if as_json else human)
+
+
+def cmd_keygen(args):
+    key = crypto.generate_key_file(args.key_file)
+    print(f"wrote a new 256-bit key to {args.key_file} (key id {key.key_id}); keep a copy off this host")
+
+
+def cmd_encrypt(args):
+    key = crypto.load_key(args.key_file)
+    crypto.encrypt_stream(
+        sys.stdin.buffer,
+        sys.stdout.buffer,
+        key,
+        compression_level=args.compression_level,
+        threads=args.threads,
+    )
+    sys.stdout.buffer.flush()
+
+
+def cmd_decrypt(args):
+    key = crypto.load_key(args.key_file)
+    crypto.decrypt_stream(sys.stdin.buffer, sys.stdout.buffer, key, name="standard input")
+    sys.stdout.buffer.flush()
+
+
+def cmd_backup(args):
+    key = crypto.load_key(args.key_file)
+    record = backup.create_backup_set(
+        args.dest,
+        key,
+        databases=args.database or None,
+        dump_format=args.format,
+        jobs=args.jobs,
+        compression_level=args.compression_level,
+        threads=args.threads,
+    )
+    _print(record, args.json, record["path"])
+
+
+def cmd_verify(args):
+    key = crypto.load_key(args.key_file)
+    report = restore.verify_set(args.set, key)
+    _print(
+        report, args.json, f"{report['set']}: OK ({report['files']} files, {report['plaintext_bytes']} bytes)"
+    )
+
+
+def cmd_restore(args):
+    key = crypto.load_key(args.key_file)
+    report = restore.restore_set(
+        args.set,
+        key,
+        databases=args.database or None,
+        target_db=args.target_db,
+        jobs=args.jobs,
+        include_globals=args.globals,
+        force=args.force,
+        staging_dir=args.staging_dir,
+    )
+    lines = [
+        f"{item['database']} -> {item['target']}"
+        + (f" (previous database kept as {item['kept_previous_as']})" if item["kept_previous_as"] else "")
+        for item in report["databases"]
+    ]
+    _print(report, args.json, "\n".join(lines) or "globals restored")
+
+
+def cmd_list(args):
+    sets = retention.scan(args.dest)
+    human = "\n".join(
+        f"{entry['name']}  {entry['status']}"
+        + (
+            f"  {entry['started_at']}  {entry['total_size']} bytes  {','.join(entry['databases'])}"
+            if entry["status"] == "complete"
+            else f"  {entry.get('reason', '')}".rstrip()
+        )
+        for entry in sets
+    )
+    _print(sets, args.json, human or f"no backup sets in {args.dest}")
+
+
+def cmd_prune(args):
+    report = retention.prune(
+        args.dest, keep_days=args.keep_days, min_keep=args.min_keep, dry_run=args.dry_run
+    )
+    verb = "would remove" if args.dry_run else "removed"
+    human = (
+        f"{verb}: {', '.join(report['removed'] + report['leftovers_removed']) or 'nothing'}; "
+        f"kept {len(report['kept'])}"
+    )
+    _print(report, args.json, human)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgbackup", description="Encrypted, verified PostgreSQL backups.")
+    parser.add_argument("--version", action="version", version=f"pgbackup {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, handler, help_text):
+        sub = commands.add_parser(name, help=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def key_option(sub):
+        sub.add_argument("--key-file", required=True, help="file holding the 256-bit key (hex)")
+
+    def compression_options(sub):
+        sub.add_argument(
+            "--compression-level", type=int, default=3, help="zstd level, 0 for none (default 3)"
+        )
+        sub.add_argument("--threads", type=int, default=2, help="zstd worker threads (default 2)")
+
+    sub = command("keygen", cmd_keygen, "write a new key file (mode 0600; never overwrites)")
+    key_option(sub)
+    sub = command("encrypt", cmd_encrypt, "encrypt standard input to standard output")
+    key_option(sub)
+    compression_options(sub)
+    sub = command("decrypt", cmd_decrypt, "decrypt standard input to standard output")
+    key_option(sub)
+
+    sub = command("backup", cmd_backup, "dump globals and databases into a new encrypted set")
+    sub.add_argument("--dest", required=True, help="backup directory; the set is a new folder in it")
+    key_option(sub)
+    sub.add_argument("--database", action="append", help="a database to dump (repeat); default: all")
+    sub.add_argument("--format", choices=backup.FORMATS, default="custom", help="pg_dump format")
+    sub.add_argument("--jobs", type=_positive, default=1, help="parallel pg_dump jobs (directory format)")
+    compression_options(sub)
+    sub.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    sub = command("verify", cmd_verify, "decrypt and check every file of a set; touches no database")
+    sub.add_argument("set", help="path of the backup set")
+    key_option(sub)
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("restore", cmd_restore, "verify a set, then restore it")
+    sub.add_argument("set", help="path of the backup set")
+    key_option(sub)
+    sub.add_argument("--database", action="append", help="a database to restore (repeat); default: all")
+    sub.add_argument("--target-db", help="restore the one --database under this name")
+    sub.add_argument("--jobs", type=_positive, default=1, help="parallel pg_restore jobs")
+    sub.add_argument("--globals", action="store_true", help="restore roles and tablespaces first")
+    sub.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing non-empty database (it is kept under a new name)",
+    )
+    sub.add_argument("--staging-dir", help="where to decrypt before restoring (default: beside the set)")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("list", cmd_list, "list backup sets, newest first")
+    sub.add_argument("--dest", required=True)
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("prune", cmd_prune, "delete sets past retention")
+    sub.add_argument("--dest", required=True)
+    sub.add_argument("--keep-days", type=int, default=30, help="keep sets younger than this (default 30)")
+    sub.add_argument(
+        "--min-keep", type=_positive, default=7, help="always keep this many newest sets (default 7)"
+    )
+    sub.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    sub.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s pgbackup %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.handler(args)
+    except RefusedError as error:
+        print(f"pgbackup: refused: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except BusyError as error:
+        print(f"pgbackup: busy: {error}", file=sys.stderr)
+        return EXIT_BUSY
+    except PgBackupError as error:
+        print(f"pgbackup: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("pgbackup: error: interrupted", file=sys.stderr)
+        return 130
+    return 0

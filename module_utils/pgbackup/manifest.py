@@ -1,0 +1,90 @@
+"""The manifest of a backup set: what it holds, and proof that it was not altered."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import re
+
+from .crypto import Key
+from .errors import CorruptError, WrongKeyError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "pgbackup-set"
+FORMAT_VERSION = 1
+PARTIAL_PREFIX = ".partial-"
+DELETING_PREFIX = ".deleting-"
+SET_NAME = re.compile(r"^(logical|physical)-\d{8}T\d{6}Z(-\d+)?$")
+_MAC_LABEL = b"pgbackup manifest mac v1"
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def iso(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> datetime.datetime:
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+
+
+def set_name(kind: str, moment: datetime.datetime) -> str:
+    return f"{kind}-{moment.astimezone(datetime.UTC).strftime('%Y%m%dT%H%M%SZ')}"
+
+
+def _canonical(manifest: dict) -> bytes:
+    body = {name: value for name, value in manifest.items() if name != "mac"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def seal(manifest: dict, key: Key) -> dict:
+    """Add an HMAC over the manifest, so that files cannot be swapped along with it."""
+    mac_key = hmac.new(key.material, _MAC_LABEL, hashlib.sha256).digest()
+    manifest["mac"] = hmac.new(mac_key, _canonical(manifest), hashlib.sha256).hexdigest()
+    return manifest
+
+
+def load(set_path: str) -> dict:
+    path = os.path.join(set_path, MANIFEST_NAME)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        raise CorruptError(f"{set_path} has no {MANIFEST_NAME}: it is not a complete backup set") from None
+    except (OSError, ValueError) as error:
+        raise CorruptError(f"{path} cannot be read as JSON: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptError(f"{path} is not a pgbackup manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CorruptError(
+            f"{path} has manifest version {manifest.get('format_version')}; expected {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def check(manifest: dict, key: Key, set_path: str):
+    """Refuse a manifest made with another key, or altered since it was written."""
+    if manifest.get("key_id") != key.key_id:
+        raise WrongKeyError(
+            f"backup set {set_path} was encrypted with key id {manifest.get('key_id')}, "
+            f"but the key file given has key id {key.key_id}"
+        )
+    expected = seal(dict(manifest), key)["mac"]
+    if not hmac.compare_digest(expected, str(manifest.get("mac", ""))):
+        raise CorruptError(
+            f"{set_path}/{MANIFEST_NAME} was altered after the backup (its MAC does not match)"
+        )
+
+
+def files_of(manifest: dict):
+    """Every encrypted file in the set, as (entry, database name or None)."""
+    if manifest.get("globals"):
+        yield manifest["globals"], None
+    for database in manifest.get("databases", []):
+        for entry in database["files"]:
+            yield entry, database["name"]

@@ -1,0 +1,181 @@
+"""Talking to PostgreSQL: queries through psycopg, tools through subprocess.
+
+Connection settings come from libpq's environment (PGHOST, PGPORT, PGUSER,
+PGPASSFILE, PGSSLMODE, ...) and the passfile; no password is ever put on a
+command line, where `ps` would show it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+from .errors import PgBackupError
+
+try:
+    import psycopg
+    from psycopg import sql
+except ImportError as missing:  # pragma: no cover - depends on the host
+    psycopg = None
+    PSYCOPG_ERROR: ImportError | None = missing
+else:
+    PSYCOPG_ERROR = None
+
+MAINTENANCE_DB = "postgres"
+
+
+def tool(name: str) -> str:
+    """Path of a PostgreSQL client program: PGBACKUP_PG_BIN if set, else PATH."""
+    bin_dir = os.environ.get("PGBACKUP_PG_BIN")
+    path = os.path.join(bin_dir, name) if bin_dir else shutil.which(name)
+    if not path or not os.access(path, os.X_OK):
+        raise PgBackupError(f"{name} is not installed (looked in {bin_dir or 'PATH'})")
+    return path
+
+
+@contextlib.contextmanager
+def connect(dbname: str = MAINTENANCE_DB):
+    if psycopg is None:
+        raise PgBackupError(
+            f"the Python library psycopg is missing ({PSYCOPG_ERROR}); install python3-psycopg"
+        )
+    try:
+        conn = psycopg.connect(
+            dbname=dbname, autocommit=True, connect_timeout=15, application_name="pgbackup"
+        )
+    except psycopg.OperationalError as error:
+        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+        raise PgBackupError(f"cannot connect to database {dbname!r}: {first_line}") from None
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def server_info(conn) -> dict:
+    row = conn.execute(
+        "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
+        " (SELECT system_identifier FROM pg_control_system()), pg_is_in_recovery(),"
+        " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
+    ).fetchone()
+    return {
+        "version": row[0],
+        "version_num": row[1],
+        "system_identifier": str(row[2]),
+        "in_recovery": row[3],
+        "superuser": row[4],
+    }
+
+
+def list_databases(conn) -> list[dict]:
+    """Databases a backup covers: every one that accepts connections, but templates."""
+    rows = conn.execute(
+        "SELECT d.datname, pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding),"
+        " d.datcollate, d.datctype FROM pg_database d"
+        " WHERE d.datallowconn AND NOT d.datistemplate ORDER BY d.datname"
+    ).fetchall()
+    return [
+        {"name": name, "owner": owner, "encoding": encoding, "collate": collate, "ctype": ctype}
+        for name, owner, encoding, collate, ctype in rows
+    ]
+
+
+def database_exists(conn, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+
+def role_exists(conn, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is not None
+
+
+def other_sessions(conn, name: str) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,)
+    ).fetchone()[0]
+
+
+def user_object_count(dbname: str) -> int:
+    """Relations outside the system schemas plus large objects: zero means empty."""
+    with connect(dbname) as conn:
+        return conn.execute(
+            "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            "        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')"
+            "          AND n.nspname NOT LIKE 'pg\\_toast%%' AND n.nspname NOT LIKE 'pg\\_temp\\_%%')"
+            "     + (SELECT count(*) FROM pg_largeobject_metadata)"
+        ).fetchone()[0]
+
+
+def create_database(conn, name: str, like: dict):
+    """Create an empty database with the encoding, locale and owner of the dumped one."""
+    owner = like.get("owner")
+    if owner and not role_exists(conn, owner):
+        raise PgBackupError(
+            f"role {owner!r}, owner of database {like['name']!r}, does not exist; "
+            "restore the globals first (--globals)"
+        )
+    statement = sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
+        sql.Identifier(name),
+        sql.Literal(like["encoding"]),
+        sql.Literal(like["collate"]),
+        sql.Literal(like["ctype"]),
+    )
+    if owner:
+        statement = statement + sql.SQL(" OWNER {}").format(sql.Identifier(owner))
+    conn.execute(statement)
+
+
+def drop_database(conn, name: str):
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def rename_database(conn, old: str, new: str):
+    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
+
+
+class ToolRun:
+    """A PostgreSQL client program whose stderr is kept for the error message."""
+
+    def __init__(self, argv: list[str], stdout=None):
+        self.argv = argv
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+        try:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=self._stderr
+            )
+        except OSError as error:
+            self._stderr.close()
+            raise PgBackupError(f"cannot start {argv[0]}: {error.strerror}") from None
+
+    def stderr_text(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode("utf-8", "replace")
+
+    def finish(self, what: str) -> str:
+        """Wait for the program; raise with its last error line if it failed."""
+        code = self.process.wait()
+        text = self.stderr_text()
+        self._stderr.close()
+        if code != 0:
+            lines = [line for line in text.strip().splitlines() if line.strip()]
+            detail = lines[-1] if lines else f"exit code {code}"
+            for line in lines:
+                if "error:" in line.lower() or "fatal:" in line.lower():
+                    detail = line
+                    break
+            raise PgBackupError(f"{what} failed: {detail.strip()}")
+        return text
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if not self._stderr.closed:
+            self._stderr.close()
+
+
+def run_tool(argv: list[str], what: str) -> str:
+    run = ToolRun(argv, stdout=subprocess.DEVNULL)
+    return run.finish(what)

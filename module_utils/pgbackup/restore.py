@@ -1,0 +1,265 @@
+"""Verify a backup set, and restore it without ever losing what is there.
+
+Restore is verify-then-write: every file it needs is decrypted and authenticated
+into a private staging folder first, and the server is touched only after all of
+them checked out. Each database is restored into a scratch database and renamed
+into place at the end, so a failed restore leaves the target as it was; an
+existing non-empty target is replaced only with --force, and is then kept under a
+new name rather than dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+
+from . import manifest, pg
+from .crypto import Key, decrypt_stream
+from .errors import CorruptError, PgBackupError, RefusedError
+from .fsutil import describe_os_error, free_bytes, hold, remove_tree
+
+log = logging.getLogger("pgbackup")
+
+_IDENTIFIER_BYTES = 63
+
+
+class _Discard:
+    def write(self, data):
+        return len(data)
+
+
+def _decrypt_checked(set_path: str, entry: dict, key: Key, target) -> int:
+    """Decrypt one file of the set into target and check it against the manifest."""
+    path = os.path.join(set_path, entry["path"])
+    try:
+        source = open(path, "rb")  # noqa: SIM115 - closed below, errors mapped first
+    except FileNotFoundError:
+        raise CorruptError(f"{path} is listed in the manifest but missing") from None
+    with source:
+        stats = decrypt_stream(source, target, key, name=path)
+    if stats.sha256 != entry["sha256"] or stats.encrypted_bytes != entry["size"]:
+        raise CorruptError(
+            f"{path} does not match the manifest (SHA-256 or size differs): "
+            "it was replaced by another file or altered"
+        )
+    if stats.plaintext_bytes != entry["plaintext_size"]:
+        raise CorruptError(
+            f"{path} decrypts to {stats.plaintext_bytes} bytes; the manifest says {entry['plaintext_size']}"
+        )
+    return stats.plaintext_bytes
+
+
+def _open_set(set_path: str, key: Key) -> dict:
+    if not os.path.isdir(set_path):
+        raise PgBackupError(f"backup set {set_path} does not exist")
+    record = manifest.load(set_path)
+    manifest.check(record, key, set_path)
+    return record
+
+
+def verify_set(set_path: str, key: Key) -> dict:
+    """Decrypt every file of the set and check it; touches no database."""
+    set_path = os.path.abspath(set_path)
+    with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
+        record = _open_set(set_path, key)
+        plaintext = 0
+        count = 0
+        for entry, _database in manifest.files_of(record):
+            plaintext += _decrypt_checked(set_path, entry, key, _Discard())
+            count += 1
+    log.info("verified %s: %d file(s), %d bytes of dump data", set_path, count, plaintext)
+    return {
+        "set": set_path,
+        "name": record["name"],
+        "files": count,
+        "encrypted_bytes": record["total_size"],
+        "plaintext_bytes": plaintext,
+        "databases": [database["name"] for database in record["databases"]],
+        "started_at": record["started_at"],
+    }
+
+
+def _fit_identifier(base: str, suffix: str) -> str:
+    """base + suffix cut to PostgreSQL's 63-byte identifier limit, suffix kept whole."""
+    room = _IDENTIFIER_BYTES - len(suffix.encode())
+    cut = base.encode()[:room].decode("utf-8", "ignore")
+    return cut + suffix
+
+
+def _select_databases(record: dict, wanted: list[str] | None) -> list[dict]:
+    if wanted is None:  # None means every database; [] means globals only
+        return record["databases"]
+    by_name = {database["name"]: database for database in record["databases"]}
+    missing = [name for name in wanted if name not in by_name]
+    if missing:
+        raise PgBackupError(
+            f"database(s) {', '.join(missing)} are not in this backup set "
+            f"(it holds: {', '.join(by_name) or 'none'})"
+        )
+    return [by_name[name] for name in wanted]
+
+
+def _preflight(targets: list[tuple[dict, str]], force: bool) -> dict[str, str]:
+    """Check every target before anything is written; return each one's fate."""
+    fates = {}
+    with pg.connect() as conn:
+        for _database, target in targets:
+            if not pg.database_exists(conn, target):
+                fates[target] = "create"
+                continue
+            objects = pg.user_object_count(target)
+            if objects and not force:
+                raise RefusedError(
+                    f"database {target!r} exists and is not empty ({objects} relations or large objects); "
+                    "restore under another name (--target-db) or pass --force to replace it "
+                    "(the current database is kept under a new name)"
+                )
+            sessions = pg.other_sessions(conn, target)
+            if sessions:
+                raise RefusedError(
+                    f"database {target!r} is in use ({sessions} open session(s)); stop its clients "
+                    "before restoring over it"
+                )
+            fates[target] = "keep-previous" if objects else "replace-empty"
+    return fates
+
+
+def _stage(
+    set_path: str, record: dict, key: Key, staging: str, databases: list[dict], include_globals: bool
+) -> dict:
+    """Decrypt what the restore needs into staging; returns the staged paths."""
+    staged = {}
+    jobs = [(record["globals"], os.path.join(staging, "globals.sql"))] if include_globals else []
+    for database in databases:
+        if database["format"] == "directory":
+            folder = os.path.join(staging, os.path.dirname(database["files"][0]["path"]))
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            staged[database["name"]] = folder
+            jobs += [(entry, os.path.join(folder, entry["name"])) for entry in database["files"]]
+        else:
+            staged[database["name"]] = os.path.join(staging, database["files"][0]["path"])
+            jobs.append((database["files"][0], staged[database["name"]]))
+    for entry, path in jobs:
+        try:
+            with open(path, "wb") as target:
+                _decrypt_checked(set_path, entry, key, target)
+        except OSError as error:
+            raise describe_os_error(error, f"staging {entry['path']} in {staging}") from None
+    if include_globals:
+        staged[None] = os.path.join(staging, "globals.sql")
+    return staged
+
+
+def _restore_globals(path: str):
+    text = pg.run_tool(
+        [
+            pg.tool("psql"),
+            "--no-password",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=0",
+            f"--dbname={pg.MAINTENANCE_DB}",
+            f"--file={path}",
+        ],
+        "restoring the globals (roles, tablespaces)",
+    )
+    # Roles that exist already (the one we log in as, at least) are expected.
+    errors = [line for line in text.splitlines() if "ERROR:" in line and "already exists" not in line]
+    if errors:
+        raise PgBackupError(f"restoring the globals failed: {errors[0].strip()}")
+
+
+def restore_set(
+    set_path: str,
+    key: Key,
+    databases: list[str] | None = None,
+    target_db: str | None = None,
+    jobs: int = 1,
+    include_globals: bool = False,
+    force: bool = False,
+    staging_dir: str | None = None,
+) -> dict:
+    set_path = os.path.abspath(set_path)
+    if jobs < 1:
+        raise PgBackupError("--jobs must be at least 1")
+    with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
+        record = _open_set(set_path, key)
+        selected = _select_databases(record, databases)
+        if target_db is not None and len(selected) != 1:
+            raise PgBackupError("--target-db needs exactly one --database to restore")
+        targets = [(database, target_db or database["name"]) for database in selected]
+        fates = _preflight(targets, force)
+
+        staging_parent = staging_dir or os.path.dirname(set_path)
+        needed = sum(entry["plaintext_size"] for database in selected for entry in database["files"])
+        if include_globals:
+            needed += record["globals"]["plaintext_size"]
+        available = free_bytes(staging_parent)
+        if needed > available:
+            raise PgBackupError(
+                f"not enough free space in {staging_parent} to stage the restore: "
+                f"need {needed} bytes, have {available} (choose another --staging-dir)"
+            )
+        try:
+            staging = tempfile.mkdtemp(prefix=".restore-", dir=staging_parent)
+        except OSError as error:
+            raise describe_os_error(error, f"creating a staging folder in {staging_parent}") from None
+        try:
+            staged = _stage(set_path, record, key, staging, selected, include_globals)
+            log.info("restore of %s: %d file set(s) verified and staged", set_path, len(staged))
+            if include_globals:
+                _restore_globals(staged[None])
+                log.info("globals restored")
+            results = [
+                _restore_database(database, target, staged[database["name"]], fates[target], jobs)
+                for database, target in targets
+            ]
+        finally:
+            remove_tree(staging)
+    return {"set": set_path, "name": record["name"], "globals": include_globals, "databases": results}
+
+
+def _restore_database(database: dict, target: str, staged_path: str, fate: str, jobs: int) -> dict:
+    suffix = re.sub(r"\W", "", manifest.iso(manifest.utc_now()))
+    scratch = _fit_identifier(f"pgbackup_restore_{os.getpid()}_", suffix)
+    with pg.connect() as conn:
+        pg.create_database(conn, scratch, database)
+    try:
+        pg.run_tool(
+            [
+                pg.tool("pg_restore"),
+                "--no-password",
+                "--exit-on-error",
+                f"--jobs={jobs}",
+                f"--dbname={scratch}",
+                staged_path,
+            ],
+            f"pg_restore of database {database['name']!r}",
+        )
+    except BaseException:
+        with pg.connect() as conn:
+            pg.drop_database(conn, scratch)
+        raise
+    kept_as = None
+    with pg.connect() as conn:
+        if fate != "create" and pg.other_sessions(conn, target):
+            pg.drop_database(conn, scratch)
+            raise RefusedError(
+                f"database {target!r} got open sessions during the restore; nothing was replaced"
+            )
+        if fate == "keep-previous":
+            kept_as = _fit_identifier(target, f"_pre_restore_{suffix}")
+            pg.rename_database(conn, target, kept_as)
+        elif fate == "replace-empty":
+            pg.drop_database(conn, target)
+        pg.rename_database(conn, scratch, target)
+    log.info(
+        "database %s restored as %s%s",
+        database["name"],
+        target,
+        f" (previous one kept as {kept_as})" if kept_as else "",
+    )
+    return {"database": database["name"], "target": target, "kept_previous_as": kept_as}

@@ -1,0 +1,238 @@
+"""A real PostgreSQL for the unit tests: initdb in a temporary folder, on loopback.
+
+The cluster uses scram-sha-256 for every TCP login, and the tests reach it the way
+cron does on a host: libpq environment plus a passfile, never a password on argv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import psycopg
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "module_utils"))
+
+from pgbackup import crypto  # noqa: E402
+
+PG_VERSION = os.environ.get("PGBACKUP_TEST_PG_VERSION", "15")
+PG_BIN = f"/usr/lib/postgresql/{PG_VERSION}/bin"
+SUPERUSER_PASSWORD = "test-superuser-" + uuid.uuid4().hex
+
+
+def _as_cluster_owner(argv, **kwargs):
+    """initdb and postgres refuse to run as root: run them as the postgres user then."""
+    if os.geteuid() == 0:
+        argv = ["runuser", "-u", "postgres", "--", *argv]
+    return subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    if not os.path.exists(f"{PG_BIN}/initdb"):
+        pytest.fail(f"PostgreSQL {PG_VERSION} server binaries are missing in {PG_BIN}: run `make deps`")
+    base = tempfile.mkdtemp(prefix="pgbackup-test-")
+    os.chmod(base, 0o755)
+    data = os.path.join(base, "data")
+    socket_dir = os.path.join(base, "socket")
+    os.mkdir(socket_dir)
+    pwfile = os.path.join(base, "pw")
+    with open(pwfile, "w") as handle:
+        handle.write(SUPERUSER_PASSWORD)
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam("postgres")
+        for path in (base, socket_dir, pwfile):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    port = _free_port()
+    _as_cluster_owner(
+        [
+            f"{PG_BIN}/initdb",
+            "-D",
+            data,
+            "-U",
+            "postgres",
+            "--auth=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "--encoding=UTF8",
+            "--locale=C.UTF-8",
+            "--data-checksums",
+        ]
+    )
+    os.unlink(pwfile)
+    _as_cluster_owner(
+        [
+            f"{PG_BIN}/pg_ctl",
+            "-D",
+            data,
+            "-l",
+            os.path.join(base, "server.log"),
+            "-w",
+            "start",
+            "-o",
+            f"-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+        ]
+    )
+    passfile = os.path.join(base, "pgpass")
+    with open(passfile, "w") as handle:
+        handle.write(f"127.0.0.1:{port}:*:postgres:{SUPERUSER_PASSWORD}\n")
+    os.chmod(passfile, 0o600)
+    env = {
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(port),
+        "PGUSER": "postgres",
+        "PGPASSFILE": passfile,
+        "PGBACKUP_PG_BIN": PG_BIN,
+    }
+    saved = {name: os.environ.get(name) for name in [*env, "PGPASSWORD", "PGDATABASE"]}
+    os.environ.pop("PGPASSWORD", None)
+    os.environ.pop("PGDATABASE", None)
+    os.environ.update(env)
+    try:
+        yield {"port": port, "env": env, "data": data, "base": base, "password": SUPERUSER_PASSWORD}
+    finally:
+        _as_cluster_owner([f"{PG_BIN}/pg_ctl", "-D", data, "-m", "immediate", "stop"])
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def connect(dbname="postgres"):
+    with psycopg.connect(dbname=dbname, autocommit=True) as conn:
+        yield conn
+
+
+def query(dbname, statement, params=None):
+    with connect(dbname) as conn:
+        cursor = conn.execute(statement, params)
+        return cursor.fetchall() if cursor.description else None
+
+
+@pytest.fixture
+def new_db(cluster):
+    """Make uniquely named databases; drop them (and restore leftovers) afterwards."""
+    made = []
+
+    def make(prefix="db"):
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        query("postgres", f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return name
+
+    yield make
+    with connect() as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE NOT datistemplate AND datname <> 'postgres'"
+        )
+        for (name,) in rows.fetchall():
+            if any(name.startswith(base) for base in made) or name.startswith("pgbackup_restore_"):
+                conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def key_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("keys") / "backup.key")
+    crypto.generate_key_file(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def key(key_file):
+    return crypto.load_key(key_file)
+
+
+@pytest.fixture
+def other_key_file(tmp_path):
+    path = str(tmp_path / "other.key")
+    crypto.generate_key_file(path)
+    return path
+
+
+def run_cli(*args, check=False, env=None, timeout=300):
+    """Run `python -m pgbackup` as cron would, from the repository's module_utils."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.path.join(ROOT, "module_utils")
+    full_env.update(env or {})
+    result = subprocess.run(  # noqa: PLW1510 - callers check the exit code
+        [sys.executable, "-m", "pgbackup", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"pgbackup {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+def seed_rich_database(dbname: str):
+    """Several schemas, large objects, unicode, an extra role with grants."""
+    with connect() as conn:
+        for role in ("app_owner", "app_reader"):
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'role-password-{role}'")
+    with connect(dbname) as conn:
+        conn.execute("""
+            CREATE SCHEMA accounts AUTHORIZATION app_owner;
+            CREATE SCHEMA billing;
+            CREATE TABLE accounts.users (id uuid PRIMARY KEY, email text UNIQUE NOT NULL,
+                                         display_name text, profile jsonb, created_at timestamptz);
+            CREATE TABLE billing.subscriptions (id bigserial PRIMARY KEY,
+                                                user_id uuid REFERENCES accounts.users(id),
+                                                plan text, price numeric(8,2));
+            CREATE VIEW billing.revenue AS
+                SELECT plan, sum(price) AS total FROM billing.subscriptions GROUP BY plan;
+            GRANT USAGE ON SCHEMA billing TO app_reader;
+            GRANT SELECT ON billing.subscriptions TO app_reader;
+            COMMENT ON TABLE accounts.users IS 'Zuschauer — 視聴者 — зрители';
+        """)
+        conn.execute("""
+            INSERT INTO accounts.users
+            SELECT gen_random_uuid(), 'user' || g || '@example.org',
+                   'Zoë ' || g || ' 🎬 名前', jsonb_build_object('lang', 'ja', 'n', g), now()
+            FROM generate_series(1, 2000) g;
+            INSERT INTO billing.subscriptions (user_id, plan, price)
+            SELECT id, CASE WHEN random() < 0.5 THEN 'basic' ELSE 'premium' END, 9.99 FROM accounts.users;
+        """)
+        conn.execute("SELECT lo_from_bytea(0, convert_to(repeat('poster-bytes ', 10000), 'UTF8'))")
+
+
+def fingerprint(dbname: str) -> dict:
+    """What a faithful restore must reproduce."""
+    with connect(dbname) as conn:
+
+        def one(statement):
+            return conn.execute(statement).fetchall()
+
+        return {
+            "users": one("SELECT id, email, display_name, profile FROM accounts.users ORDER BY id"),
+            "subscriptions": one("SELECT user_id, plan, price FROM billing.subscriptions ORDER BY user_id"),
+            "revenue": one("SELECT * FROM billing.revenue ORDER BY plan"),
+            "comment": one("SELECT obj_description('accounts.users'::regclass)"),
+            "schema_owner": one(
+                "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'accounts'"
+            ),
+            "grants": one(
+                "SELECT grantee, privilege_type FROM information_schema.role_table_grants"
+                " WHERE table_schema = 'billing' AND grantee = 'app_reader'"
+            ),
+            "large_objects": one("SELECT md5(lo_get(oid)) FROM pg_largeobject_metadata ORDER BY 1"),
+        }

@@ -1,0 +1,394 @@
+"""Backup, verify and restore against a real PostgreSQL: the operator's checklist."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, connect, fingerprint, query, run_cli, seed_rich_database
+from pgbackup import backup, crypto, manifest, restore, retention
+from pgbackup.errors import CorruptError, PgBackupError, RefusedError, WrongKeyError
+
+
+def only_set(dest) -> str:
+    sets = [entry for entry in retention.scan(str(dest)) if entry["status"] == "complete"]
+    assert len(sets) == 1, sets
+    return sets[0]["path"]
+
+
+def databases_named(prefix: str) -> list[str]:
+    return [
+        row[0]
+        for row in query("postgres", "SELECT datname FROM pg_database WHERE datname LIKE %s", (prefix + "%",))
+    ]
+
+
+@pytest.fixture
+def rich_db(new_db):
+    name = new_db("rich")
+    seed_rich_database(name)
+    return name
+
+
+@pytest.fixture
+def rich_set(rich_db, key, tmp_path):
+    record = backup.create_backup_set(str(tmp_path / "backups"), key, databases=[rich_db])
+    return rich_db, record["path"]
+
+
+# ---- round trips -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("dump_format", "jobs"), [("custom", 1), ("directory", 2)])
+def test_round_trip_keeps_schemas_large_objects_unicode_and_grants(rich_db, key, tmp_path, dump_format, jobs):
+    before = fingerprint(rich_db)
+    record = backup.create_backup_set(
+        str(tmp_path / "b"), key, databases=[rich_db], dump_format=dump_format, jobs=jobs
+    )
+    result = restore.restore_set(
+        record["path"], key, databases=[rich_db], target_db=rich_db + "_copy", jobs=2
+    )
+    assert result["databases"] == [
+        {"database": rich_db, "target": rich_db + "_copy", "kept_previous_as": None}
+    ]
+    assert fingerprint(rich_db + "_copy") == before
+    assert before["large_objects"] and before["grants"] and before["schema_owner"] == [("app_owner",)]
+
+
+def test_manifest_describes_the_set(rich_set, key):
+    rich_db, path = rich_set
+    record = manifest.load(path)
+    manifest.check(record, key, path)
+    assert record["complete"] is True
+    assert record["key_id"] == key.key_id
+    assert record["server"]["version"].startswith(os.environ.get("PGBACKUP_TEST_PG_VERSION", "15"))
+    assert [database["name"] for database in record["databases"]] == [rich_db]
+    assert record["role_passwords"] is True
+    assert manifest.parse_iso(record["started_at"]) <= manifest.parse_iso(record["finished_at"])
+    for entry, _ in manifest.files_of(record):
+        assert os.path.getsize(os.path.join(path, entry["path"])) == entry["size"]
+        assert len(entry["sha256"]) == 64
+    assert os.stat(path).st_mode & 0o777 == 0o700
+
+
+def test_backup_files_are_not_plaintext(rich_set):
+    _, path = rich_set
+    for name in os.listdir(path):
+        if name.endswith(".enc"):
+            data = open(os.path.join(path, name), "rb").read()
+            assert data.startswith(b"PGBACKUP")
+            assert b"example.org" not in data and b"CREATE" not in data
+
+
+def test_globals_round_trip_restores_roles(rich_set, key):
+    _, path = rich_set
+    with connect() as conn:
+        conn.execute("DROP ROLE IF EXISTS globals_probe")
+        conn.execute("CREATE ROLE globals_probe LOGIN PASSWORD 'probe-password'")
+    record = backup.create_backup_set(os.path.dirname(path) + "-g", key, databases=[])
+    query("postgres", "DROP ROLE globals_probe")
+    restore.restore_set(record["path"], key, databases=[], include_globals=True)
+    rows = query(
+        "postgres",
+        "SELECT rolcanlogin, rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid"
+        " WHERE rolname = 'globals_probe'",
+    )
+    assert rows == [(True, True)]
+
+
+def test_verify_passes_and_touches_no_database(rich_set, key):
+    _, path = rich_set
+    before = query("postgres", "SELECT count(*) FROM pg_database")
+    report = restore.verify_set(path, key)
+    assert report["files"] == 2
+    assert report["plaintext_bytes"] > report["encrypted_bytes"] / 2
+    assert query("postgres", "SELECT count(*) FROM pg_database") == before
+
+
+# ---- refusals: nothing existing is lost ----------------------------------------------
+
+
+def test_restore_refuses_an_existing_non_empty_database(rich_set, key):
+    rich_db, path = rich_set
+    query(rich_db, "INSERT INTO billing.subscriptions (plan, price) VALUES ('newer-than-backup', 1)")
+    before = fingerprint(rich_db)
+    with pytest.raises(RefusedError, match="exists and is not empty"):
+        restore.restore_set(path, key, databases=[rich_db])
+    assert fingerprint(rich_db) == before
+    assert databases_named("pgbackup_restore_") == []
+
+
+def test_force_replaces_but_keeps_the_previous_database(rich_set, key):
+    rich_db, path = rich_set
+    query(rich_db, "INSERT INTO billing.subscriptions (plan, price) VALUES ('newer-than-backup', 1)")
+    result = restore.restore_set(path, key, databases=[rich_db], force=True)
+    kept = result["databases"][0]["kept_previous_as"]
+    assert kept and kept.startswith(rich_db + "_pre_restore_")
+    assert query(rich_db, "SELECT count(*) FROM billing.subscriptions WHERE plan = 'newer-than-backup'") == [
+        (0,)
+    ]
+    assert query(kept, "SELECT count(*) FROM billing.subscriptions WHERE plan = 'newer-than-backup'") == [
+        (1,)
+    ]
+
+
+def test_restore_onto_a_live_database_is_refused_even_with_force(rich_set, key):
+    rich_db, path = rich_set
+    before = fingerprint(rich_db)
+    with connect(rich_db), pytest.raises(RefusedError, match="in use"):  # an application session
+        restore.restore_set(path, key, databases=[rich_db], force=True)
+    assert fingerprint(rich_db) == before
+    assert databases_named("pgbackup_restore_") == []
+
+
+def test_empty_existing_database_is_replaced(rich_set, key, new_db):
+    _, path = rich_set
+    rich_db = rich_set[0]
+    empty = new_db("empty")
+    restore.restore_set(path, key, databases=[rich_db], target_db=empty)
+    assert fingerprint(empty) == fingerprint(rich_db)
+
+
+def test_failed_restore_leaves_no_scratch_database(rich_set, key, tmp_path):
+    rich_db, path = rich_set
+    with connect() as conn:
+        conn.execute("ALTER ROLE app_owner RENAME TO app_owner_gone")
+    try:
+        with pytest.raises(PgBackupError, match="pg_restore of database"):
+            restore.restore_set(path, key, databases=[rich_db], target_db=rich_db + "_x")
+    finally:
+        query("postgres", "ALTER ROLE app_owner_gone RENAME TO app_owner")
+    assert databases_named(rich_db + "_x") == []
+    assert databases_named("pgbackup_restore_") == []
+
+
+# ---- damaged sets: refused before anything is written -----------------------------------
+
+
+def _damage_and_restore_over(rich_db, path, key, damage):
+    """Damage the set, then try a forced restore over the live database."""
+    damage(path)
+    before = fingerprint(rich_db)
+    with pytest.raises((CorruptError, WrongKeyError)) as failure:
+        restore.restore_set(path, key, databases=[rich_db], force=True)
+    assert fingerprint(rich_db) == before, "the target database must be untouched"
+    assert databases_named("pgbackup_restore_") == []
+    assert databases_named(rich_db + "_pre_restore_") == []
+    assert not [name for name in os.listdir(os.path.dirname(path)) if name.startswith(".restore-")]
+    with pytest.raises((CorruptError, WrongKeyError)):
+        restore.verify_set(path, key)
+    return str(failure.value)
+
+
+def _dump_file(path):
+    return os.path.join(path, next(name for name in sorted(os.listdir(path)) if name.startswith("db-")))
+
+
+def _flip(offset):
+    def damage(path):
+        target = _dump_file(path)
+        with open(target, "r+b") as handle:
+            handle.seek(offset if offset >= 0 else os.path.getsize(target) + offset)
+            byte = handle.read(1)
+            handle.seek(-1, os.SEEK_CUR)
+            handle.write(bytes([byte[0] ^ 0x04]))
+
+    return damage
+
+
+def _truncate(keep):
+    def damage(path):
+        target = _dump_file(path)
+        size = os.path.getsize(target)
+        os.truncate(target, keep if keep >= 0 else size + keep)
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_flip(30), "corrupted header"),
+        (_flip(200), "chunk 0 failed authentication"),
+        (_flip(-1), "failed authentication"),
+        (_truncate(-1), "truncated inside chunk"),
+        (_truncate(0), "is empty"),
+        (_truncate(crypto.HEADER_BYTES), "without the final-chunk marker"),
+    ],
+    ids=["header-bit", "body-bit", "tag-bit", "truncated-mid-chunk", "emptied", "header-only"],
+)
+def test_damaged_file_is_refused_and_target_untouched(rich_set, key, damage, message):
+    rich_db, path = rich_set
+    assert message in _damage_and_restore_over(rich_db, path, key, damage)
+
+
+def test_file_from_another_set_is_refused(rich_db, key, tmp_path):
+    first = backup.create_backup_set(str(tmp_path / "b"), key, databases=[rich_db])["path"]
+    time.sleep(1.1)
+    second = backup.create_backup_set(str(tmp_path / "b"), key, databases=[rich_db])["path"]
+
+    def swap(path):
+        shutil.copyfile(_dump_file(second), _dump_file(path))
+
+    assert "does not match the manifest" in _damage_and_restore_over(rich_db, first, key, swap)
+
+
+def test_altered_manifest_is_refused(rich_set, key):
+    rich_db, path = rich_set
+
+    def edit(set_path):
+        record = json.load(open(os.path.join(set_path, "manifest.json")))
+        record["started_at"] = "2099-01-01T00:00:00Z"
+        json.dump(record, open(os.path.join(set_path, "manifest.json"), "w"))
+
+    assert "was altered" in _damage_and_restore_over(rich_db, path, key, edit)
+
+
+def test_missing_file_is_refused(rich_set, key):
+    rich_db, path = rich_set
+    assert "missing" in _damage_and_restore_over(rich_db, path, key, lambda p: os.unlink(_dump_file(p)))
+
+
+def test_wrong_key_is_refused_with_both_key_ids(rich_set, key, other_key_file):
+    rich_db, path = rich_set
+    other = crypto.load_key(other_key_file)
+    before = fingerprint(rich_db)
+    with pytest.raises(
+        WrongKeyError, match=f"key id {key.key_id}, but the key file given has key id {other.key_id}"
+    ):
+        restore.restore_set(path, other, databases=[rich_db], force=True)
+    assert fingerprint(rich_db) == before
+
+
+# ---- interrupted runs, full disk, dead server -----------------------------------------------
+
+
+def test_killed_backup_leaves_no_complete_set(new_db, key_file, tmp_path):
+    big = new_db("big")
+    query(
+        big,
+        "CREATE TABLE t AS SELECT g, md5(g::text) || repeat('x', 200) AS pad"
+        " FROM generate_series(1, 400000) g",
+    )
+    dest = tmp_path / "b"
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "module_utils"))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pgbackup",
+            "backup",
+            "--dest",
+            str(dest),
+            "--key-file",
+            key_file,
+            "--database",
+            big,
+            "--compression-level",
+            "19",
+            "--threads",
+            "0",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(
+        name.endswith(".tmp") for _, _, files in os.walk(dest) for name in files
+    ):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    sets = retention.scan(str(dest))
+    assert [entry["status"] for entry in sets] == ["incomplete"]
+    listed = run_cli("list", "--dest", str(dest), "--json", check=True)
+    assert [entry["status"] for entry in json.loads(listed.stdout)] == ["incomplete"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    mounted = subprocess.run(  # noqa: PLW1510 - the result is checked below
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.fail(f"this test needs root to mount a small tmpfs: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_full_disk_fails_clearly_and_keeps_earlier_sets(rich_db, key, tiny_disk):
+    small = backup.create_backup_set(str(tiny_disk), key, databases=[])
+    with pytest.raises(PgBackupError, match="no space left on device"):
+        backup.create_backup_set(str(tiny_disk), key, databases=[rich_db], compression_level=0)
+    sets = retention.scan(str(tiny_disk))
+    assert [entry["name"] for entry in sets] == [small["name"]], "no partial set is left behind"
+    restore.verify_set(small["path"], key)
+
+
+def test_restore_without_staging_space_fails_before_touching_anything(rich_set, key, tiny_disk):
+    rich_db, path = rich_set
+    with pytest.raises(PgBackupError, match="not enough free space"):
+        restore.restore_set(
+            path, key, databases=[rich_db], target_db=rich_db + "_y", staging_dir=str(tiny_disk)
+        )
+    assert databases_named(rich_db + "_y") == []
+
+
+def test_dead_server_fails_with_a_clear_message(key_file, tmp_path):
+    result = run_cli("backup", "--dest", str(tmp_path / "b"), "--key-file", key_file, env={"PGPORT": "1"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("pgbackup: error: cannot connect to database 'postgres'")
+    assert result.stderr.count("\n") == 1
+    assert not any(os.scandir(tmp_path / "b")) if (tmp_path / "b").exists() else True
+
+
+def test_unknown_database_is_refused(key, tmp_path):
+    with pytest.raises(PgBackupError, match="not found on the server: nope"):
+        backup.create_backup_set(str(tmp_path / "b"), key, databases=["nope"])
+
+
+# ---- the CLI ---------------------------------------------------------------------------
+
+
+def test_cli_backup_verify_restore(rich_db, key_file, tmp_path):
+    dest = str(tmp_path / "cli")
+    made = run_cli(
+        "backup", "--dest", dest, "--key-file", key_file, "--database", rich_db, "--json", check=True
+    )
+    path = json.loads(made.stdout)["path"]
+    verified = run_cli("verify", path, "--key-file", key_file, check=True)
+    assert verified.stdout.strip().endswith("bytes)") and ": OK" in verified.stdout
+    refused = run_cli("restore", path, "--key-file", key_file, "--database", rich_db)
+    assert refused.returncode == 3
+    assert refused.stderr.startswith("pgbackup: refused: database") and refused.stderr.count("\n") == 1
+    run_cli(
+        "restore",
+        path,
+        "--key-file",
+        key_file,
+        "--database",
+        rich_db,
+        "--target-db",
+        rich_db + "_cli",
+        "--jobs",
+        "2",
+        check=True,
+    )
+    assert fingerprint(rich_db + "_cli") == fingerprint(rich_db)
+
+
+def test_cli_verify_of_corrupt_set_exits_non_zero(rich_set, key_file):
+    _, path = rich_set
+    _flip(500)(path)
+    result = run_cli("verify", path, "--key-file", key_file)
+    assert result.returncode == 1
+    assert "failed authentication" in result.stderr and result.stderr.count("\n") == 1
