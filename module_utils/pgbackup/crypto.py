@@ -89,16 +89,21 @@ def load_key(path: str) -> Key:
         raise KeyFileError(f"key file {path} does not exist (create one with `pgbackup keygen`)") from None
     except OSError as error:
         raise KeyFileError(f"key file {path} cannot be read: {error.strerror}") from None
+    return parse_key(raw, f"key file {path}")
+
+
+def parse_key(raw: bytes, source: str) -> Key:
+    """A key as written by keygen: 64 hexadecimal characters, surrounding space ignored."""
     text = raw.strip()
     if len(text) != 2 * KEY_BYTES:
         raise KeyFileError(
-            f"key file {path} is malformed: expected {2 * KEY_BYTES} hexadecimal characters "
+            f"{source} is malformed: expected {2 * KEY_BYTES} hexadecimal characters "
             f"(a 256-bit key), found {len(text)} bytes"
         )
     try:
         material = binascii.unhexlify(text)
     except (binascii.Error, ValueError):
-        raise KeyFileError(f"key file {path} is malformed: it is not hexadecimal") from None
+        raise KeyFileError(f"{source} is malformed: it is not hexadecimal") from None
     return Key.from_bytes(material)
 
 

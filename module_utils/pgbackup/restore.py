@@ -172,6 +172,36 @@ def _restore_globals(path: str):
         raise PgBackupError(f"restoring the globals failed: {errors[0].strip()}")
 
 
+def _plan(set_path: str, key: Key, databases: list[str] | None, target_db: str | None, force: bool):
+    record = _open_set(set_path, key)
+    selected = _select_databases(record, databases)
+    if target_db is not None and len(selected) != 1:
+        raise PgBackupError("--target-db needs exactly one --database to restore")
+    targets = [(database, target_db or database["name"]) for database in selected]
+    return record, selected, targets, _preflight(targets, force)
+
+
+def plan_restore(
+    set_path: str,
+    key: Key,
+    databases: list[str] | None = None,
+    target_db: str | None = None,
+    force: bool = False,
+) -> dict:
+    """What restore_set would do, and whether it would refuse; writes nothing."""
+    set_path = os.path.abspath(set_path)
+    with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
+        record, _selected, targets, fates = _plan(set_path, key, databases, target_db, force)
+    return {
+        "set": set_path,
+        "name": record["name"],
+        "databases": [
+            {"database": database["name"], "target": target, "action": fates[target]}
+            for database, target in targets
+        ],
+    }
+
+
 def restore_set(
     set_path: str,
     key: Key,
@@ -186,13 +216,7 @@ def restore_set(
     if jobs < 1:
         raise PgBackupError("--jobs must be at least 1")
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
-        record = _open_set(set_path, key)
-        selected = _select_databases(record, databases)
-        if target_db is not None and len(selected) != 1:
-            raise PgBackupError("--target-db needs exactly one --database to restore")
-        targets = [(database, target_db or database["name"]) for database in selected]
-        fates = _preflight(targets, force)
-
+        record, selected, targets, fates = _plan(set_path, key, databases, target_db, force)
         staging_parent = staging_dir or os.path.dirname(set_path)
         needed = sum(entry["plaintext_size"] for database in selected for entry in database["files"])
         if include_globals:

@@ -1,0 +1,28 @@
+"""Filters over pgbackup results, backed by the same core the modules use."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ansible.errors import AnsibleFilterError
+
+# The core lives in module_utils/ beside this folder; one copy of the logic.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils"))
+
+from pgbackup import retention  # noqa: E402
+
+
+def pgbackup_latest_set(sets):
+    """The newest complete set from `backup_retention`'s `sets` or `pgbackup list --json`."""
+    if not isinstance(sets, list):
+        raise AnsibleFilterError("pgbackup_latest_set expects a list of sets")
+    latest = retention.latest_complete(sets)
+    if latest is None:
+        raise AnsibleFilterError("pgbackup_latest_set: there is no complete backup set")
+    return latest
+
+
+class FilterModule:
+    def filters(self):
+        return {"pgbackup_latest_set": pgbackup_latest_set}

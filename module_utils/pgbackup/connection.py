@@ -1,0 +1,53 @@
+"""What the Ansible modules share: connection options and key handling.
+
+The modules pass connection settings to libpq through the environment of their
+own process (and so of pg_dump and friends), never on a command line.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .crypto import Key, load_key, parse_key
+
+CONNECTION_ARGUMENT_SPEC = {
+    "login_host": {"type": "str"},
+    "login_port": {"type": "int"},
+    "login_user": {"type": "str"},
+    "login_password": {"type": "str", "no_log": True},
+    "passfile": {"type": "path"},
+    "ssl_mode": {
+        "type": "str",
+        "choices": ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"],
+    },
+    "ssl_rootcert": {"type": "path"},
+}
+
+KEY_ARGUMENT_SPEC = {
+    "key_file": {"type": "path", "no_log": False},
+    "key": {"type": "str", "no_log": True},
+}
+KEY_MUTUALLY_EXCLUSIVE = [["key_file", "key"]]
+KEY_REQUIRED_ONE_OF = [["key_file", "key"]]
+
+_LIBPQ_ENVIRONMENT = {
+    "login_host": "PGHOST",
+    "login_port": "PGPORT",
+    "login_user": "PGUSER",
+    "login_password": "PGPASSWORD",
+    "passfile": "PGPASSFILE",
+    "ssl_mode": "PGSSLMODE",
+    "ssl_rootcert": "PGSSLROOTCERT",
+}
+
+
+def apply_connection_params(params: dict):
+    for option, variable in _LIBPQ_ENVIRONMENT.items():
+        if params.get(option) is not None:
+            os.environ[variable] = str(params[option])
+
+
+def key_from_params(params: dict) -> Key:
+    if params.get("key") is not None:
+        return parse_key(params["key"].encode(), "the key given in the module's `key` option")
+    return load_key(params["key_file"])

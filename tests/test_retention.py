@@ -1,0 +1,143 @@
+"""list and prune: ordered by the backup time in the manifests, and never too eager."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+import pytest
+from conftest import run_cli
+
+from pgbackup import backup, manifest, retention
+from pgbackup.fsutil import hold
+
+NOW = manifest.utc_now()
+
+
+def make_set(dest, key, days_old: float, name: str | None = None) -> str:
+    """A real (globals-only) set whose manifest says it was taken days_old ago."""
+    path = backup.create_backup_set(str(dest), key, databases=[])["path"]
+    record = manifest.load(path)
+    started = NOW - datetime.timedelta(days=days_old)
+    record["started_at"] = manifest.iso(started)
+    record["finished_at"] = manifest.iso(started + datetime.timedelta(minutes=1))
+    record.pop("mac")
+    with open(os.path.join(path, "manifest.json"), "w") as handle:
+        json.dump(manifest.seal(record, key), handle)
+    final = os.path.join(str(dest), name or manifest.set_name("logical", started))
+    os.rename(path, final)
+    return os.path.basename(final)
+
+
+@pytest.fixture
+def dest(tmp_path, cluster):
+    path = tmp_path / "backups"
+    path.mkdir()
+    return path
+
+
+def names(dest):
+    return sorted(entry["name"] for entry in retention.scan(str(dest)) if entry["status"] == "complete")
+
+
+def test_keeps_young_sets_and_removes_old_ones(dest, key):
+    young = [make_set(dest, key, days) for days in (0.1, 5, 29)]
+    old = [make_set(dest, key, days) for days in (31, 45, 90)]
+    report = retention.prune(str(dest), keep_days=30, min_keep=2, now=NOW)
+    assert sorted(report["removed"]) == sorted(old)
+    assert names(dest) == sorted(young)
+
+
+def test_never_leaves_fewer_than_min_keep(dest, key):
+    sets = [make_set(dest, key, days) for days in (40, 50, 60, 70)]
+    report = retention.prune(str(dest), keep_days=30, min_keep=3, now=NOW)
+    assert report["removed"] == [sets[3]]
+    assert names(dest) == sorted(sets[:3])
+
+
+def test_never_deletes_the_newest_set_even_when_everything_is_old(dest, key):
+    sets = [make_set(dest, key, days) for days in (100, 200)]
+    retention.prune(str(dest), keep_days=0, min_keep=1, now=NOW)
+    assert names(dest) == [sets[0]]
+
+
+def test_orders_by_manifest_time_not_by_folder_name(dest, key):
+    # The folder name claims 2099, the manifest says 60 days ago: the manifest wins.
+    misnamed_old = make_set(dest, key, 60, name="logical-20990101T000000Z")
+    misnamed_new = make_set(dest, key, 1, name="logical-20000101T000000Z")
+    listed = retention.scan(str(dest))
+    assert [entry["name"] for entry in listed] == [misnamed_new, misnamed_old]
+    assert retention.latest_complete(listed)["name"] == misnamed_new
+    report = retention.prune(str(dest), keep_days=30, min_keep=1, now=NOW)
+    assert report["removed"] == [misnamed_old]
+
+
+def test_a_set_being_read_is_not_deleted(dest, key):
+    keep = make_set(dest, key, 1)
+    busy = make_set(dest, key, 90)
+    with hold(os.path.join(str(dest), busy), exclusive=False, wait=True, what="test reader"):
+        report = retention.prune(str(dest), keep_days=30, min_keep=1, now=NOW)
+    assert report["held"] == [busy]
+    assert names(dest) == sorted([keep, busy])
+    assert retention.prune(str(dest), keep_days=30, min_keep=1, now=NOW)["removed"] == [busy]
+
+
+def test_leftovers_of_interrupted_runs_go_after_a_day(dest, key):
+    make_set(dest, key, 1)
+    stale, fresh, running = (dest / f".partial-logical-2026010{n}T000000Z" for n in (1, 2, 3))
+    for path in (stale, fresh, running):
+        path.mkdir()
+        (path / "globals.sql.enc.tmp").write_bytes(b"x")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(stale, (two_days_ago, two_days_ago))
+    os.utime(running, (two_days_ago, two_days_ago))
+    with hold(str(running), exclusive=True, wait=False, what="a running backup"):
+        os.utime(running, (two_days_ago, two_days_ago))
+        report = retention.prune(str(dest), keep_days=30, min_keep=1, now=NOW)
+    assert report["leftovers_removed"] == [stale.name]
+    assert not stale.exists() and fresh.exists() and running.exists()
+
+
+def test_invalid_sets_are_reported_and_left_alone(dest, key):
+    make_set(dest, key, 1)
+    broken = dest / "logical-20200101T000000Z"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    report = retention.prune(str(dest), keep_days=0, min_keep=1, now=NOW)
+    assert report["invalid"] == [broken.name]
+    assert broken.exists()
+    statuses = {entry["name"]: entry["status"] for entry in retention.scan(str(dest))}
+    assert statuses[broken.name] == "invalid"
+
+
+def test_dry_run_deletes_nothing(dest, key):
+    sets = [make_set(dest, key, days) for days in (1, 90)]
+    report = retention.prune(str(dest), keep_days=30, min_keep=1, dry_run=True, now=NOW)
+    assert report["removed"] == [sets[1]]
+    assert names(dest) == sorted(sets)
+
+
+def test_cli_list_and_prune(dest, key):
+    young, old = make_set(dest, key, 2), make_set(dest, key, 45)
+    listed = json.loads(run_cli("list", "--dest", str(dest), "--json", check=True).stdout)
+    assert [entry["name"] for entry in listed] == [young, old]
+    dry = run_cli(
+        "prune", "--dest", str(dest), "--keep-days", "30", "--min-keep", "1", "--dry-run", check=True
+    )
+    assert dry.stdout.startswith(f"would remove: {old}")
+    assert names(dest) == sorted([young, old])
+    done = json.loads(
+        run_cli(
+            "prune", "--dest", str(dest), "--keep-days", "30", "--min-keep", "1", "--json", check=True
+        ).stdout
+    )
+    assert done["removed"] == [old]
+    assert names(dest) == [young]
+
+
+def test_prune_of_a_missing_directory_fails_clearly(tmp_path):
+    result = run_cli("prune", "--dest", str(tmp_path / "nowhere"))
+    assert result.returncode == 1
+    assert result.stderr == f"pgbackup: error: backup directory {tmp_path / 'nowhere'} does not exist\n"
