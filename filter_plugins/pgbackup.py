@@ -10,7 +10,7 @@ from ansible.errors import AnsibleFilterError
 # The core lives in module_utils/ beside this folder; one copy of the logic.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils"))
 
-from pgbackup import retention  # noqa: E402
+from pgbackup import retention
 
 
 def pgbackup_latest_set(sets):

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 from conftest import ROOT, fingerprint, query, seed_rich_database
-
 from pgbackup import retention
 
 ANSIBLE = os.path.join(os.path.dirname(sys.executable), "ansible")

@@ -9,7 +9,6 @@ import time
 
 import pytest
 from conftest import run_cli
-
 from pgbackup import backup, manifest, retention
 from pgbackup.fsutil import hold
 
