@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import uuid
 
 import psycopg
@@ -23,95 +19,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "module_utils"))
 
 from pgbackup import crypto  # noqa: E402
-
-PG_VERSION = os.environ.get("PGBACKUP_TEST_PG_VERSION", "15")
-PG_BIN = f"/usr/lib/postgresql/{PG_VERSION}/bin"
-SUPERUSER_PASSWORD = "test-superuser-" + uuid.uuid4().hex
-
-
-def _as_cluster_owner(argv, **kwargs):
-    """initdb and postgres refuse to run as root: run them as the postgres user then."""
-    if os.geteuid() == 0:
-        argv = ["runuser", "-u", "postgres", "--", *argv]
-    return subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from pgcluster import TempCluster  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def cluster():
-    if not os.path.exists(f"{PG_BIN}/initdb"):
-        pytest.fail(f"PostgreSQL {PG_VERSION} server binaries are missing in {PG_BIN}: run `make deps`")
-    base = tempfile.mkdtemp(prefix="pgbackup-test-")
-    os.chmod(base, 0o755)
-    data = os.path.join(base, "data")
-    socket_dir = os.path.join(base, "socket")
-    os.mkdir(socket_dir)
-    pwfile = os.path.join(base, "pw")
-    with open(pwfile, "w") as handle:
-        handle.write(SUPERUSER_PASSWORD)
-    if os.geteuid() == 0:
-        owner = pwd.getpwnam("postgres")
-        for path in (base, socket_dir, pwfile):
-            os.chown(path, owner.pw_uid, owner.pw_gid)
-    port = _free_port()
-    _as_cluster_owner(
-        [
-            f"{PG_BIN}/initdb",
-            "-D",
-            data,
-            "-U",
-            "postgres",
-            "--auth=scram-sha-256",
-            f"--pwfile={pwfile}",
-            "--encoding=UTF8",
-            "--locale=C.UTF-8",
-            "--data-checksums",
-        ]
-    )
-    os.unlink(pwfile)
-    _as_cluster_owner(
-        [
-            f"{PG_BIN}/pg_ctl",
-            "-D",
-            data,
-            "-l",
-            os.path.join(base, "server.log"),
-            "-w",
-            "start",
-            "-o",
-            f"-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
-        ]
-    )
-    passfile = os.path.join(base, "pgpass")
-    with open(passfile, "w") as handle:
-        handle.write(f"127.0.0.1:{port}:*:postgres:{SUPERUSER_PASSWORD}\n")
-    os.chmod(passfile, 0o600)
-    env = {
-        "PGHOST": "127.0.0.1",
-        "PGPORT": str(port),
-        "PGUSER": "postgres",
-        "PGPASSFILE": passfile,
-        "PGBACKUP_PG_BIN": PG_BIN,
-    }
-    saved = {name: os.environ.get(name) for name in [*env, "PGPASSWORD", "PGDATABASE"]}
+    try:
+        server = TempCluster(settings={"fsync": "off"}).start()
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    saved = {name: os.environ.get(name) for name in [*server.env, "PGPASSWORD", "PGDATABASE"]}
     os.environ.pop("PGPASSWORD", None)
     os.environ.pop("PGDATABASE", None)
-    os.environ.update(env)
+    os.environ.update(server.env)
     try:
-        yield {"port": port, "env": env, "data": data, "base": base, "password": SUPERUSER_PASSWORD}
+        yield {
+            "port": server.port,
+            "env": server.env,
+            "data": server.data,
+            "base": server.base,
+            "password": server.password,
+        }
     finally:
-        _as_cluster_owner([f"{PG_BIN}/pg_ctl", "-D", data, "-m", "immediate", "stop"])
+        server.stop()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @contextlib.contextmanager
