@@ -28,6 +28,11 @@ options:
     description: Always keep at least this many of the newest complete sets.
     type: int
     default: 7
+  kind:
+    description: Which sets this retention applies to; logical and physical sets are kept separately.
+    type: str
+    choices: [logical, physical]
+    default: logical
 attributes:
   check_mode:
     support: full
@@ -101,6 +106,7 @@ def main():
             "dest": {"type": "path", "required": True},
             "keep_days": {"type": "int", "default": 30},
             "min_keep": {"type": "int", "default": 7},
+            "kind": {"type": "str", "choices": ["logical", "physical"], "default": "logical"},
         },
         supports_check_mode=True,
     )

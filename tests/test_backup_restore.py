@@ -75,6 +75,8 @@ def test_manifest_describes_the_set(rich_set, key):
         assert os.path.getsize(os.path.join(path, entry["path"])) == entry["size"]
         assert len(entry["sha256"]) == 64
     assert os.stat(path).st_mode & 0o777 == 0o700
+    for name in os.listdir(path):
+        assert os.stat(os.path.join(path, name)).st_mode & 0o777 == 0o600, name
 
 
 def test_backup_files_are_not_plaintext(rich_set):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
-from . import __version__, backup, crypto, restore, retention
+from . import __version__, backup, crypto, physical, restore, retention
 from .errors import BusyError, PgBackupError, RefusedError
 
 EXIT_FAILURE = 1
@@ -66,6 +67,20 @@ def cmd_backup(args):
         threads=args.threads,
     )
     _print(record, args.json, record["path"])
+
+
+def cmd_basebackup(args):
+    key = crypto.load_key(args.key_file)
+    record = physical.create_base_backup(
+        args.dest, key, compression_level=args.compression_level, threads=args.threads
+    )
+    _print(record, args.json, record["path"])
+
+
+def cmd_restore_base(args):
+    key = crypto.load_key(args.key_file)
+    report = physical.restore_base(args.set, key, args.target_dir)
+    _print(report, args.json, f"{report['name']} restored into {report['target_dir']} and verified")
 
 
 def cmd_verify(args):
@@ -122,7 +137,7 @@ def cmd_prune(args):
     _print(report, args.json, human)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per option
     parser = argparse.ArgumentParser(prog="pgbackup", description="Encrypted, verified PostgreSQL backups.")
     parser.add_argument("--version", action="version", version=f"pgbackup {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -159,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     compression_options(sub)
     sub.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
+    sub = command("basebackup", cmd_basebackup, "pg_basebackup (tar, with its WAL) into a new encrypted set")
+    sub.add_argument("--dest", required=True, help="backup directory; the set is a new folder in it")
+    key_option(sub)
+    compression_options(sub)
+    sub.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    sub = command("restore-base", cmd_restore_base, "unpack a base backup into an empty folder and verify it")
+    sub.add_argument("set", help="path of the physical backup set")
+    key_option(sub)
+    sub.add_argument("--target-dir", required=True, help="new or empty folder to unpack into")
+    sub.add_argument("--json", action="store_true")
+
     sub = command("verify", cmd_verify, "decrypt and check every file of a set; touches no database")
     sub.add_argument("set", help="path of the backup set")
     key_option(sub)
@@ -189,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument(
         "--min-keep", type=_positive, default=7, help="always keep this many newest sets (default 7)"
     )
+    sub.add_argument(
+        "--kind",
+        choices=["logical", "physical"],
+        default="logical",
+        help="which sets this retention applies to (default logical)",
+    )
     sub.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     sub.add_argument("--json", action="store_true")
     return parser
@@ -196,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Backups hold every row of every table: nothing pgbackup creates is for others.
+    os.umask(0o077)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s pgbackup %(levelname)s %(message)s",

@@ -92,8 +92,12 @@ def role_exists(conn, name: str) -> bool:
 
 
 def other_sessions(conn, name: str) -> int:
+    """Client sessions on a database. Autovacuum workers do not count: PostgreSQL
+    cancels them itself when the database is renamed or dropped."""
     return conn.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,)
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+        " AND backend_type = 'client backend'",
+        (name,),
     ).fetchone()[0]
 
 
@@ -138,13 +142,11 @@ def rename_database(conn, old: str, new: str):
 class ToolRun:
     """A PostgreSQL client program whose stderr is kept for the error message."""
 
-    def __init__(self, argv: list[str], stdout=None):
+    def __init__(self, argv: list[str], stdout=None, stdin=subprocess.DEVNULL):
         self.argv = argv
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
         try:
-            self.process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=self._stderr
-            )
+            self.process = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=self._stderr)
         except OSError as error:
             self._stderr.close()
             raise PgBackupError(f"cannot start {argv[0]}: {error.strerror}") from None
@@ -169,6 +171,10 @@ class ToolRun:
         return text
 
     def kill(self):
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None and not pipe.closed:
+                with contextlib.suppress(OSError):
+                    pipe.close()
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()

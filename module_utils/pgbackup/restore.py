@@ -51,7 +51,7 @@ def _decrypt_checked(set_path: str, entry: dict, key: Key, target) -> int:
     return stats.plaintext_bytes
 
 
-def _open_set(set_path: str, key: Key) -> dict:
+def open_set(set_path: str, key: Key) -> dict:
     if not os.path.isdir(set_path):
         raise PgBackupError(f"backup set {set_path} does not exist")
     record = manifest.load(set_path)
@@ -63,7 +63,7 @@ def verify_set(set_path: str, key: Key) -> dict:
     """Decrypt every file of the set and check it; touches no database."""
     set_path = os.path.abspath(set_path)
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
-        record = _open_set(set_path, key)
+        record = open_set(set_path, key)
         plaintext = 0
         count = 0
         for entry, _database in manifest.files_of(record):
@@ -143,7 +143,7 @@ def _stage(
             jobs.append((database["files"][0], staged[database["name"]]))
     for entry, path in jobs:
         try:
-            with open(path, "wb") as target:
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as target:
                 _decrypt_checked(set_path, entry, key, target)
         except OSError as error:
             raise describe_os_error(error, f"staging {entry['path']} in {staging}") from None
@@ -173,7 +173,7 @@ def _restore_globals(path: str):
 
 
 def _plan(set_path: str, key: Key, databases: list[str] | None, target_db: str | None, force: bool):
-    record = _open_set(set_path, key)
+    record = open_set(set_path, key)
     selected = _select_databases(record, databases)
     if target_db is not None and len(selected) != 1:
         raise PgBackupError("--target-db needs exactly one --database to restore")

@@ -82,14 +82,20 @@ def latest_complete(sets: list[dict]) -> dict | None:
 
 
 def prune(
-    dest: str, keep_days: int, min_keep: int, dry_run: bool = False, now: datetime.datetime | None = None
+    dest: str,
+    keep_days: int,
+    min_keep: int,
+    dry_run: bool = False,
+    now: datetime.datetime | None = None,
+    kind: str = "logical",
 ) -> dict:
     if keep_days < 0 or min_keep < 1:
         raise PgBackupError("prune needs --keep-days >= 0 and --min-keep >= 1")
     now = now or manifest.utc_now()
     cutoff = now - datetime.timedelta(days=keep_days)
     sets = scan(dest)
-    complete = [entry for entry in sets if entry["status"] == "complete"]
+    # Each kind has its own retention: weekly base backups must not count as dumps.
+    complete = [entry for entry in sets if entry["status"] == "complete" and entry["kind"] == kind]
     report = {
         "kept": [],
         "removed": [],

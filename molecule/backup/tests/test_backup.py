@@ -1,0 +1,229 @@
+"""The scheduled backup, run as cron runs it, checked the way an operator would."""
+
+import json
+import re
+
+import pytest
+
+testinfra_hosts = ["pg-backup-1"]
+
+BACKUP_DIR = "/var/backups/postgresql"
+LOG = "/var/log/pgbackup/pgbackup.log"
+METRICS = "/var/lib/pgbackup/metrics/pgbackup.prom"
+KEY = "/etc/pgbackup/backup.key"
+# cron's environment: a bare PATH, no terminal.
+AS_CRON = "runuser -u postgres -- env -i PATH=/usr/bin:/bin HOME=/var/lib/postgresql SHELL=/bin/sh LOGNAME=postgres"
+
+
+@pytest.fixture(scope="module")
+def offsite(host):
+    return host.get_host("docker://offsite-1")
+
+
+@pytest.fixture(scope="module")
+def password(host):
+    return host.ansible.get_variables()["postgresql_backup_password"]
+
+
+def psql(host, query, db="postgres"):
+    result = host.run("runuser -u postgres -- psql -XAtq -d %s -c %s", db, query)
+    assert result.rc == 0, result.stderr
+    return result.stdout.strip()
+
+
+def scheduled_run(host):
+    return host.run(f"{AS_CRON} /usr/local/sbin/pgbackup-run")
+
+
+def complete_sets(host):
+    listed = host.run("runuser -u postgres -- pgbackup list --dest %s --json", BACKUP_DIR)
+    assert listed.rc == 0, listed.stderr
+    return [entry for entry in json.loads(listed.stdout) if entry["status"] == "complete"]
+
+
+def metric(host, name):
+    match = re.search(rf"^{name} (\S+)$", host.file(METRICS).content_string, re.MULTILINE)
+    assert match, f"{name} missing from {METRICS}"
+    return float(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def first_run(host):
+    """Seed a database big enough that pg_dump runs for a moment, then run the backup once
+    as cron would, sampling `ps` during the run."""
+    host.run("rm -rf %s/* %s/.partial-* ; : > %s", BACKUP_DIR, BACKUP_DIR, LOG)
+    psql(host, "DROP DATABASE IF EXISTS streaming")
+    psql(host, "CREATE DATABASE streaming")
+    psql(
+        host,
+        "CREATE TABLE watch_history AS SELECT g AS id, gen_random_uuid() AS user_id, md5(g::text) AS title,"
+        " now() - g * interval '1 second' AS started_at FROM generate_series(1, 1500000) g",
+        db="streaming",
+    )
+    run = host.run(
+        f"( {AS_CRON} /usr/local/sbin/pgbackup-run > /tmp/run.out 2>&1; echo $? > /tmp/run.rc ) &"
+        " for i in $(seq 1 600); do ps -eo args >> /tmp/ps.samples; [ -s /tmp/run.rc ] && break; sleep 0.05; done;"
+        " wait; cat /tmp/run.rc"
+    )
+    samples = host.file("/tmp/ps.samples").content_string
+    host.run("rm -f /tmp/ps.samples /tmp/run.rc")
+    return {"rc": int(run.stdout.strip().splitlines()[-1]), "ps": samples}
+
+
+def test_scheduled_run_succeeds(host, first_run):
+    assert first_run["rc"] == 0, host.file(LOG).content_string
+
+
+def test_a_complete_set_with_a_manifest_exists(host, first_run):
+    sets = complete_sets(host)
+    assert len(sets) == 1
+    assert set(sets[0]["databases"]) == {"postgres", "streaming"}
+    assert host.file(f"{sets[0]['path']}/manifest.json").exists
+
+
+def test_the_set_verifies(host, first_run):
+    path = complete_sets(host)[0]["path"]
+    result = host.run("runuser -u postgres -- pgbackup verify %s --key-file %s", path, KEY)
+    assert result.rc == 0, result.stderr
+    assert ": OK" in result.stdout
+
+
+def test_the_set_restores_with_its_data(host, first_run):
+    path = complete_sets(host)[0]["path"]
+    result = host.run(
+        "runuser -u postgres -- pgbackup restore %s --key-file %s --database streaming --target-db streaming_check",
+        path,
+        KEY,
+    )
+    assert result.rc == 0, result.stderr
+    try:
+        assert psql(host, "SELECT count(*) FROM watch_history", db="streaming_check") == "1500000"
+    finally:
+        psql(host, "DROP DATABASE IF EXISTS streaming_check")
+
+
+def test_offsite_copy_has_the_same_files_and_checksums(host, offsite, first_run):
+    path = complete_sets(host)[0]["path"]
+    name = path.rsplit("/", 1)[1]
+    local = host.run("cd %s && sha256sum $(find . -type f ! -name .lock | sort)", path)
+    remote = offsite.run("cd /srv/offsite/pg-backup-1/%s && sha256sum $(find . -type f | sort)", name)
+    assert local.rc == 0 and remote.rc == 0, (local.stderr, remote.stderr)
+    assert local.stdout == remote.stdout
+    assert "manifest.json" in remote.stdout and ".enc" in remote.stdout
+
+
+def test_every_event_is_logged_and_metrics_say_success(host, first_run):
+    log = host.file(LOG).content_string
+    for event in ("run started", "backup written", "verify passed", "prune:", "off-site copy", "run finished"):
+        assert event in log, event
+    assert metric(host, "pgbackup_last_run_status") == 0
+    assert metric(host, "pgbackup_last_success_timestamp_seconds") > 0
+    assert metric(host, "pgbackup_offsite_last_success_timestamp_seconds") > 0
+    journal = host.run("journalctl -t pgbackup-run --no-pager -q")
+    assert "run finished" in journal.stdout
+
+
+def test_no_password_in_the_log_or_in_ps(host, first_run, password):
+    assert "pg_dump" in first_run["ps"], "ps was not sampled while pg_dump ran"
+    assert password not in first_run["ps"]
+    assert password not in host.file(LOG).content_string
+    assert host.run("grep -rl %s /var/backups/postgresql /var/log/pgbackup", password).rc == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "mode", "owner"),
+    [
+        (BACKUP_DIR, 0o700, "postgres"),
+        (KEY, 0o600, "postgres"),
+        ("/etc/pgbackup/pgpass", 0o600, "postgres"),
+        ("/var/lib/pgbackup/rclone/rclone.conf", 0o600, "postgres"),
+        ("/etc/pgbackup/offsite_ed25519", 0o600, "postgres"),
+    ],
+)
+def test_permissions(host, first_run, path, mode, owner):
+    target = host.file(path)
+    assert target.mode == mode
+    assert target.user == owner
+
+
+def test_set_files_are_private(host, first_run):
+    path = complete_sets(host)[0]["path"]
+    assert host.file(path).mode == 0o700
+    modes = host.run("find %s -type f -printf '%%m %%p\\n'", path).stdout.split("\n")
+    assert all(line.startswith("600 ") for line in modes if line), modes
+
+
+def test_cron_runs_the_wrapper_at_two(host):
+    crontab = host.run("crontab -l -u postgres").stdout
+    assert re.search(r"^0 2 \* \* \* /usr/local/sbin/pgbackup-run$", crontab, re.MULTILINE), crontab
+
+
+def test_second_run_at_the_same_moment_is_refused(host, first_run):
+    before = len(complete_sets(host))
+    result = host.run(
+        "runuser -u postgres -- flock /run/lock/pgbackup.lock sh -c %s",
+        f"{AS_CRON.replace('runuser -u postgres -- ', '')} /usr/local/sbin/pgbackup-run",
+    )
+    assert result.rc == 75
+    assert "another backup run holds /run/lock/pgbackup.lock" in host.file(LOG).content_string
+    assert len(complete_sets(host)) == before
+
+
+def test_prune_removes_only_what_it_should(host, first_run):
+    # Fake eight older sets by copying the real one under old dates (min_keep is 3 here).
+    source = complete_sets(host)[0]["path"]
+    fake = {}
+    for days in (10, 20, 31, 40, 50, 60, 70, 80):
+        result = host.run(
+            "runuser -u postgres -- python3 -c %s %s %s",
+            "import datetime, json, shutil, sys\n"
+            "src, days = sys.argv[1], int(sys.argv[2])\n"
+            "when = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=days)\n"
+            "dst = '/var/backups/postgresql/logical-' + when.strftime('%Y%m%dT%H%M%SZ')\n"
+            "shutil.copytree(src, dst)\n"
+            "manifest = json.load(open(dst + '/manifest.json'))\n"
+            "manifest['started_at'] = when.strftime('%Y-%m-%dT%H:%M:%SZ')\n"
+            "json.dump(manifest, open(dst + '/manifest.json', 'w'))\n"
+            "print(dst.rsplit('/', 1)[1])",
+            source,
+            str(days),
+        )
+        assert result.rc == 0, result.stderr
+        fake[days] = result.stdout.strip()
+    assert scheduled_run(host).rc == 0, host.file(LOG).content_string
+    names = {entry["name"] for entry in complete_sets(host)}
+    for days in (10, 20):  # within 30 days
+        assert fake[days] in names
+    for days in (31, 40, 50, 60, 70, 80):  # past retention, and enough newer sets remain
+        assert fake[days] not in names
+    assert len(names) == 4  # the two real runs and the two young fakes
+
+
+def test_dead_remote_fails_the_sync_but_keeps_the_local_set(host, offsite, first_run):
+    before = {entry["name"] for entry in complete_sets(host)}
+    offsite.run("systemctl stop ssh.socket ssh.service")
+    try:
+        result = scheduled_run(host)
+    finally:
+        offsite.run("systemctl start ssh.service")
+    assert result.rc == 1
+    after = complete_sets(host)
+    new = [entry for entry in after if entry["name"] not in before]
+    assert len(new) == 1, "the run's own set must be kept"
+    assert before <= {entry["name"] for entry in after}, "no earlier set may be lost"
+    verify = host.run("runuser -u postgres -- pgbackup verify %s --key-file %s", new[0]["path"], KEY)
+    assert verify.rc == 0
+    log = host.file(LOG).content_string
+    assert "off-site copy to offsite:/srv/offsite/pg-backup-1 FAILED; local sets are kept" in log
+    assert metric(host, "pgbackup_last_run_status") == 1
+
+
+def test_database_down_fails_loudly_instead_of_skipping(host, first_run):
+    host.run("systemctl stop postgresql@15-main")
+    try:
+        result = scheduled_run(host)
+    finally:
+        host.run("systemctl start postgresql@15-main")
+    assert result.rc == 1
+    assert "cannot tell whether this node should run the backup" in host.file(LOG).content_string
+    assert metric(host, "pgbackup_last_run_status") == 1
