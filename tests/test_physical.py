@@ -12,10 +12,9 @@ import tempfile
 import psycopg
 import pytest
 from conftest import query, run_cli
-from pgcluster import PG_BIN, as_cluster_owner, free_port
-
 from pgbackup import physical, retention
 from pgbackup.errors import CorruptError, RefusedError
+from pgcluster import PG_BIN, as_cluster_owner, free_port
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def base_set(cluster, key, tmp_path_factory):
 def reachable(tmp_path):
     """A scratch folder the postgres user can reach (pytest's own are root-only)."""
     folder = tempfile.mkdtemp(prefix="pgbackup-physical-")
-    os.chmod(folder, 0o755)  # noqa: S103 - the postgres user must reach it
+    os.chmod(folder, 0o755)
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
     yield pathlib.Path(folder)

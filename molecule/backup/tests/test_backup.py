@@ -12,7 +12,9 @@ LOG = "/var/log/pgbackup/pgbackup.log"
 METRICS = "/var/lib/pgbackup/metrics/pgbackup.prom"
 KEY = "/etc/pgbackup/backup.key"
 # cron's environment: a bare PATH, no terminal.
-AS_CRON = "runuser -u postgres -- env -i PATH=/usr/bin:/bin HOME=/var/lib/postgresql SHELL=/bin/sh LOGNAME=postgres"
+AS_CRON = (
+    "runuser -u postgres -- env -i PATH=/usr/bin:/bin HOME=/var/lib/postgresql SHELL=/bin/sh LOGNAME=postgres"
+)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +116,14 @@ def test_offsite_copy_has_the_same_files_and_checksums(host, offsite, first_run)
 
 def test_every_event_is_logged_and_metrics_say_success(host, first_run):
     log = host.file(LOG).content_string
-    for event in ("run started", "backup written", "verify passed", "prune:", "off-site copy", "run finished"):
+    for event in (
+        "run started",
+        "backup written",
+        "verify passed",
+        "prune:",
+        "off-site copy",
+        "run finished",
+    ):
         assert event in log, event
     assert metric(host, "pgbackup_last_run_status") == 0
     assert metric(host, "pgbackup_last_success_timestamp_seconds") > 0
