@@ -21,165 +21,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, os.path.join(ROOT, "module_utils"))
-
-import psycopg  # noqa: E402
-from pgbackup import crypto  # noqa: E402
-from pgcluster import PG_BIN, TempCluster  # noqa: E402
-
-GENERATOR_VERSION = "1"
-DB = "streaming"
-
-SCHEMA = """
-CREATE TABLE users (
-    id uuid PRIMARY KEY, user_no int NOT NULL, email text NOT NULL, display_name text,
-    country char(2), created_at timestamptz, last_login timestamptz, profile jsonb);
-CREATE TABLE subscriptions (
-    id bigserial PRIMARY KEY, user_id uuid NOT NULL, plan text, status text,
-    started_at timestamptz, renews_at timestamptz, price numeric(6,2), payment_token text);
-CREATE TABLE watch_history (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, user_id uuid NOT NULL, title_id int,
-    episode int, device text, started_at timestamptz, watched_seconds int, completed boolean,
-    client jsonb);
-"""
-
-FILL = [
-    """INSERT INTO users
-       SELECT gen_random_uuid(), g, 'u' || g || '.' || substr(md5(random()::text), 1, 8) || '@example.com',
-              initcap(substr(md5(random()::text), 1, 6)) || ' ' || initcap(substr(md5(random()::text), 1, 9)),
-              (ARRAY['US','DE','FR','JP','BR','IN','GB','CA','MX','ES'])[1 + floor(random() * 10)::int],
-              now() - random() * interval '5 years', now() - random() * interval '30 days',
-              jsonb_build_object('lang', (ARRAY['en','de','fr','ja','pt'])[1 + floor(random() * 5)::int],
-                                 'autoplay', random() < 0.5, 'maturity', floor(random() * 5)::int,
-                                 'avatar', md5(random()::text))
-       FROM generate_series(1, %(users)s) g""",
-    """CREATE UNIQUE INDEX users_user_no ON users (user_no)""",
-    """INSERT INTO subscriptions (user_id, plan, status, started_at, renews_at, price, payment_token)
-       SELECT u.id, (ARRAY['basic','standard','premium','family'])[1 + floor(random() * 4)::int],
-              (ARRAY['active','active','active','paused','cancelled'])[1 + floor(random() * 5)::int],
-              s, s + interval '1 month', (ARRAY[7.99, 12.99, 17.99, 22.99])[1 + floor(random() * 4)::int],
-              md5(random()::text) || md5(random()::text)
-       FROM users u, LATERAL (SELECT now() - random() * interval '3 years' AS s) t
-       WHERE random() < 1.2 - (u.user_no %% 5) * 0.1""",
-    """INSERT INTO watch_history (user_id, title_id, episode, device, started_at, watched_seconds, completed, client)
-       SELECT u.id, 1 + floor(random() * 50000)::int, 1 + floor(random() * 24)::int,
-              (ARRAY['tv','phone','tablet','browser','console'])[1 + floor(random() * 5)::int],
-              now() - random() * interval '2 years', floor(random() * 7200)::int, random() < 0.4,
-              jsonb_build_object('ip', '10.' || floor(random() * 255)::int || '.' || floor(random() * 255)::int
-                                       || '.' || floor(random() * 255)::int,
-                                 'app', 'v' || floor(random() * 9)::int || '.' || floor(random() * 30)::int,
-                                 'kbps', floor(random() * 16000)::int)
-       FROM generate_series(1, %(watch)s) g JOIN users u ON u.user_no = 1 + (g::bigint * 7919) %% %(users)s""",
-    """CREATE UNIQUE INDEX users_email ON users (email)""",
-    """CREATE INDEX subscriptions_user ON subscriptions (user_id)""",
-    """CREATE INDEX watch_history_user_time ON watch_history (user_id, started_at)""",
-    """ALTER TABLE subscriptions ADD FOREIGN KEY (user_id) REFERENCES users (id)""",
-    """ALTER TABLE watch_history ADD FOREIGN KEY (user_id) REFERENCES users (id)""",
-    """VACUUM ANALYZE""",
-]
-
-
-def log(message: str):
-    print(f"[{datetime.datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def generate(scale: float):
-    users, watch = int(1_000_000 * scale), int(7_000_000 * scale)
-    log(f"generating {DB}: {users} users, {watch} watch_history rows (once; reused by later runs)")
-    with psycopg.connect(dbname="postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DB}")
-        conn.execute(f"CREATE DATABASE {DB}")
-    with psycopg.connect(dbname=DB, autocommit=True) as conn:
-        conn.execute(SCHEMA)
-        for statement in FILL:
-            conn.execute(statement, {"users": users, "watch": watch})
-
-
-def measure(name: str, shell: str, workdir: str) -> dict:
-    """Run a shell command under GNU time: wall seconds and the largest process's RSS."""
-    timing = os.path.join(workdir, "time.out")
-    subprocess.run(
-        ["/usr/bin/time", "-f", "%e %M", "-o", timing, "bash", "-o", "pipefail", "-c", shell],
-        check=True,
-        env=os.environ,
-    )
-    with open(timing) as handle:
-        wall, rss_kb = handle.read().split()[-2:]
-    result = {"name": name, "wall_s": float(wall), "peak_rss_mb": int(rss_kb) / 1024}
-    log(f"{name}: {result['wall_s']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB")
-    return result
-
-
-def size_of(path: str) -> int:
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-    return os.path.getsize(path)
-
-
-def pgbackup(*args: str) -> str:
-    return f"PYTHONPATH={ROOT}/module_utils {sys.executable} -m pgbackup {' '.join(args)}"
-
-
-def drop(*names: str):
-    with psycopg.connect(dbname="postgres", autocommit=True) as conn:
-        for name in names:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def row_counts(dbname: str) -> dict:
-    with psycopg.connect(dbname=dbname) as conn:
-        return {
-            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            for table in ("users", "subscriptions", "watch_history")
-        }
-
-
-def machine() -> dict:
-    model = "unknown"
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as handle:
-        memory_kb = int(handle.readline().split()[1])
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "memory_gb": round(memory_kb / 1024 / 1024, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
+from common import DB, describe_machine, machine, measure, pgbackup, save_results, size_of
+from dataset import drop, row_counts, start_bench_cluster
+from pgbackup import crypto
+from pgcluster import PG_BIN
 
 
 def run(args) -> dict:
     workdir = args.workdir
-    os.makedirs(workdir, exist_ok=True)
-    cluster_dir = os.path.join(workdir, "cluster")
-    marker = os.path.join(cluster_dir, f"generated-v{GENERATOR_VERSION}-scale-{args.scale}")
-    if not os.path.exists(marker) and os.path.exists(cluster_dir):
-        shutil.rmtree(cluster_dir)
-    cluster = TempCluster(
-        base=cluster_dir,
-        settings={"shared_buffers": "512MB", "max_wal_size": "4GB", "maintenance_work_mem": "256MB"},
-    ).start()
-    os.environ.update(cluster.env)
+    cluster = start_bench_cluster(workdir, args.scale)
     out = tempfile.mkdtemp(prefix="run-", dir=workdir)
     try:
-        if not os.path.exists(marker):
-            generate(args.scale)
-            open(marker, "w").close()
         key_file = os.path.join(out, "bench.key")
         crypto.generate_key_file(key_file)
         passphrase = os.path.join(out, "passphrase")
@@ -287,9 +145,7 @@ def run(args) -> dict:
 
 def report(data: dict):
     print()
-    print(
-        f"machine: {data['machine']['cpu']}, {data['machine']['cores']} cores, {data['machine']['memory_gb']} GB"
-    )
+    print(describe_machine(data))
     print(
         f"database: {data['dump_bytes_uncompressed'] / 1e9:.2f} GB of uncompressed pg_dump output, "
         f"rows {data['source_rows']}"
@@ -316,11 +172,7 @@ def main():
     args = parser.parse_args()
     data = run(args)
     report(data)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    path = os.path.join(HERE, "results", f"backup-{data['when'].replace(':', '')}.json")
-    with open(path, "w") as handle:
-        json.dump(data, handle, indent=2)
-    print(f"saved {path}")
+    save_results("backup", data)
     return 0 if data["restore_rows_match"] else 1
 
 

@@ -403,9 +403,3 @@ def encrypt_stream(
             break
         writer.write(block)
     return writer.close()
-
-
-def read_key_id(path: str) -> str:
-    """The key id recorded in an encrypted file's header."""
-    with open(path, "rb") as handle:
-        return parse_header(handle.read(HEADER_BYTES), path).key_id

@@ -15,7 +15,7 @@ import socket
 import subprocess
 
 from . import __version__, manifest, pg
-from .crypto import EncryptingWriter, Key
+from .crypto import Key, encrypt_stream
 from .fsutil import describe_os_error, fsync_dir, hold, remove_tree, write_json_atomic
 
 log = logging.getLogger("pgbackup")
@@ -28,13 +28,9 @@ def encrypt_file(path: str, source, key: Key, level: int, threads: int) -> dict:
     """Stream `source` into a private encrypted file at path, via a temporary name."""
     tmp = f"{path}.tmp"
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as raw:
-        writer = EncryptingWriter(raw, key, compression_level=level, threads=threads)
-        while True:
-            block = source.read(READ_BYTES)
-            if not block:
-                break
-            writer.write(block)
-        stats = writer.close()
+        stats = encrypt_stream(
+            source, raw, key, compression_level=level, threads=threads, read_bytes=READ_BYTES
+        )
         raw.flush()
         os.fsync(raw.fileno())
     os.rename(tmp, path)

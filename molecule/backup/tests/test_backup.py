@@ -53,7 +53,8 @@ def metric(host, name):
 def first_run(host):
     """Seed a database big enough that pg_dump runs for a moment, then run the backup once
     as cron would, sampling `ps` during the run."""
-    host.run("rm -rf %s/* %s/.partial-* ; : > %s", BACKUP_DIR, BACKUP_DIR, LOG)
+    host.run("rm -rf %s/* %s/.partial-*", BACKUP_DIR, BACKUP_DIR)
+    host.run("runuser -u postgres -- truncate -s 0 %s", LOG)
     psql(host, "DROP DATABASE IF EXISTS streaming")
     psql(host, "CREATE DATABASE streaming")
     psql(
@@ -68,12 +69,13 @@ def first_run(host):
         " wait; cat /tmp/run.rc"
     )
     samples = host.file("/tmp/ps.samples").content_string
-    host.run("rm -f /tmp/ps.samples /tmp/run.rc")
-    return {"rc": int(run.stdout.strip().splitlines()[-1]), "ps": samples}
+    output = host.file("/tmp/run.out").content_string
+    host.run("rm -f /tmp/ps.samples /tmp/run.rc /tmp/run.out")
+    return {"rc": int(run.stdout.strip().splitlines()[-1]), "ps": samples, "output": output}
 
 
 def test_scheduled_run_succeeds(host, first_run):
-    assert first_run["rc"] == 0, host.file(LOG).content_string
+    assert first_run["rc"] == 0, (first_run["output"], host.file(LOG).content_string)
 
 
 def test_a_complete_set_with_a_manifest_exists(host, first_run):
@@ -236,3 +238,40 @@ def test_database_down_fails_loudly_instead_of_skipping(host, first_run):
     assert result.rc == 1
     assert "cannot tell whether this node should run the backup" in host.file(LOG).content_string
     assert metric(host, "pgbackup_last_run_status") == 1
+
+
+def test_weekly_physical_backup_runs_verifies_and_goes_offsite(host, offsite, first_run):
+    crontab = host.run("crontab -l -u postgres").stdout
+    assert re.search(r"^0 4 \* \* 0 /usr/local/sbin/pgbackup-run physical$", crontab, re.MULTILINE), crontab
+    result = host.run(f"{AS_CRON} /usr/local/sbin/pgbackup-run physical")
+    assert result.rc == 0, host.file(LOG).content_string
+    listed = json.loads(host.run("runuser -u postgres -- pgbackup list --dest %s --json", BACKUP_DIR).stdout)
+    physical = [entry for entry in listed if entry.get("kind") == "physical"]
+    assert len(physical) == 1
+    verify = host.run("runuser -u postgres -- pgbackup verify %s --key-file %s", physical[0]["path"], KEY)
+    assert verify.rc == 0, verify.stderr
+    name = physical[0]["name"]
+    assert offsite.file(f"/srv/offsite/pg-backup-1/{name}/base.tar.enc").exists
+    assert re.search(
+        r"^pgbackup_physical_last_run_status 0$",
+        host.file("/var/lib/pgbackup/metrics/pgbackup_physical.prom").content_string,
+        re.MULTILINE,
+    )
+
+
+def test_external_drive_is_skipped_unmounted_and_filled_when_mounted(host, first_run):
+    assert "external drive copy skipped: /mnt/external is not mounted" in host.file(LOG).content_string
+    host.run("mkdir -p /mnt/external")
+    mounted = host.run("mount -t tmpfs -o size=2g tmpfs /mnt/external && chown postgres: /mnt/external")
+    assert mounted.rc == 0, mounted.stderr
+    try:
+        assert scheduled_run(host).rc == 0, host.file(LOG).content_string
+        assert "external drive copy to /mnt/external done" in host.file(LOG).content_string
+        newest = complete_sets(host)[0]
+        local = host.run("cd %s && sha256sum $(find . -type f ! -name .lock | sort)", newest["path"])
+        copied = host.run(
+            "cd /mnt/external/postgresql/%s && sha256sum $(find . -type f | sort)", newest["name"]
+        )
+        assert local.rc == 0 and copied.rc == 0 and local.stdout == copied.stdout
+    finally:
+        host.run("umount /mnt/external")

@@ -1,0 +1,80 @@
+"""What the benchmarks share: the test cluster, timing under GNU time, machine facts."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "module_utils"))
+
+DB = "streaming"
+
+
+def log(message: str):
+    print(f"[{datetime.datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def measure(name: str, shell: str, workdir: str) -> dict:
+    """Run a shell command under GNU time: wall seconds and the largest process's RSS."""
+    timing = os.path.join(workdir, "time.out")
+    subprocess.run(
+        ["/usr/bin/time", "-f", "%e %M", "-o", timing, "bash", "-o", "pipefail", "-c", shell],
+        check=True,
+        env=os.environ,
+    )
+    with open(timing) as handle:
+        wall, rss_kb = handle.read().split()[-2:]
+    result = {"name": name, "wall_s": float(wall), "peak_rss_mb": int(rss_kb) / 1024}
+    log(f"{name}: {result['wall_s']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB")
+    return result
+
+
+def size_of(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    return os.path.getsize(path)
+
+
+def pgbackup(*args: str) -> str:
+    """The pgbackup CLI as a shell command, run from this checkout."""
+    return f"PYTHONPATH={ROOT}/module_utils {sys.executable} -m pgbackup {' '.join(args)}"
+
+
+def machine() -> dict:
+    model = "unknown"
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as handle:
+        memory_kb = int(handle.readline().split()[1])
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(memory_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def describe_machine(data: dict) -> str:
+    facts = data["machine"]
+    return f"machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory_gb']} GB"
+
+
+def save_results(kind: str, data: dict) -> str:
+    """Keep a run's figures in bench/results/ (not committed) and say where."""
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    path = os.path.join(HERE, "results", f"{kind}-{data['when'].replace(':', '')}.json")
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=2)
+    print(f"saved {path}")
+    return path
