@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 
+import common
 from common import DB, describe_machine, machine, measure, pgbackup, save_results, size_of
 from dataset import drop, row_counts, start_bench_cluster
 from pgbackup import crypto
@@ -59,8 +60,8 @@ def run(args) -> dict:
         )
         results["floor"] = floor | {"output_bytes": None}
 
-        def backup_case(label, shell, output):
-            result = measure(label, shell, out)
+        def backup_case(label, shell, output, reset=""):
+            result = measure(label, shell, out, reset=reset)
             result["output_bytes"] = size_of(output)
             return result
 
@@ -85,6 +86,7 @@ def run(args) -> dict:
                 f"pgbackup backup ({label}{', 2 jobs' if extra else ''})",
                 pgbackup("backup", "--dest", dest, "--key-file", key_file, "--database", DB, extra),
                 dest,
+                reset=f"rm -rf {dest}",
             )
 
         source_counts = row_counts(DB)
@@ -94,6 +96,7 @@ def run(args) -> dict:
             f"{PG_BIN}/createdb -T template0 restore_pg && {PG_BIN}/pg_restore --no-password -j 2"
             f" -d restore_pg {out}/plain.dump",
             out,
+            reset=f"{PG_BIN}/dropdb --if-exists restore_pg",
         )
         custom_set = os.path.join(out, "sets-custom", sorted(os.listdir(os.path.join(out, "sets-custom")))[0])
         results["pgbackup_restore"] = measure(
@@ -111,6 +114,7 @@ def run(args) -> dict:
                 "2",
             ),
             out,
+            reset=f"{PG_BIN}/dropdb --if-exists restore_pgbackup",
         )
         restored_ok = row_counts("restore_pgbackup") == source_counts
         drop("restore_pg", "restore_pgbackup")
@@ -169,7 +173,9 @@ def main():
     )
     parser.add_argument("--scale", type=float, default=1.0, help="1.0 is about 1.5 GB of dump data")
     parser.add_argument("--workdir", default="/var/tmp/pgbackup-bench", help="cluster and scratch space")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each case; the median is reported")
     args = parser.parse_args()
+    common.REPEAT = args.repeat
     data = run(args)
     report(data)
     save_results("backup", data)

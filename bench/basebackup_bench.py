@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 
+import common
 from common import describe_machine, log, machine, measure, pgbackup, save_results, size_of
 from dataset import start_bench_cluster
 from pgbackup import crypto
@@ -88,7 +90,13 @@ def run(args) -> dict:
         results["pgbackrest"] = measure(
             "pgBackRest backup --type=full", f"{pgbackrest} backup --type=full", out
         )
-        results["pgbackrest"]["output_bytes"] = size_of(repo)
+        # The size of the newest backup in the repository, not of every repeat.
+        info = json.loads(
+            subprocess.run(
+                f"{pgbackrest} info --output=json", shell=True, check=True, capture_output=True, text=True
+            ).stdout
+        )
+        results["pgbackrest"]["output_bytes"] = info[0]["backup"][-1]["info"]["repository"]["delta"]
         results["c_pipeline"] = measure(
             "pg_basebackup -Ft -D - | zstd -T2 -3 | openssl aes-256-ctr",
             f"{PG_BIN}/pg_basebackup --no-password -D - -Ft -X fetch --checkpoint=fast | zstd -q -T2 -3"
@@ -98,13 +106,19 @@ def run(args) -> dict:
         results["c_pipeline"]["output_bytes"] = size_of(f"{out}/base.tar.zst.enc")
         dest = os.path.join(out, "sets")
         results["pgbackup"] = measure(
-            "pgbackup basebackup", pgbackup("basebackup", "--dest", dest, "--key-file", key_file), out
+            "pgbackup basebackup",
+            pgbackup("basebackup", "--dest", dest, "--key-file", key_file),
+            out,
+            reset=f"rm -rf {dest}",
         )
         results["pgbackup"]["output_bytes"] = size_of(dest)
 
-        restored = postgres_folder(out, "restore-pgbackrest")
+        restored = os.path.join(out, "restore-pgbackrest")
         results["pgbackrest_restore"] = measure(
-            "pgBackRest restore", f"{pgbackrest} --pg1-path={restored} restore", out
+            "pgBackRest restore",
+            f"{pgbackrest} --pg1-path={restored} restore",
+            out,
+            reset=f"rm -rf {restored} && mkdir -m 0700 {restored} && chown postgres: {restored}",
         )
         shutil.rmtree(restored)
         set_path = os.path.join(dest, sorted(os.listdir(dest))[0])
@@ -114,6 +128,7 @@ def run(args) -> dict:
                 "restore-base", set_path, "--key-file", key_file, "--target-dir", f"{out}/restore-pgbackup"
             ),
             out,
+            reset=f"rm -rf {out}/restore-pgbackup",
         )
         shutil.rmtree(f"{out}/restore-pgbackup")
         results["c_restore"] = measure(
@@ -121,6 +136,7 @@ def run(args) -> dict:
             f"mkdir {out}/restore-c && openssl enc -d -aes-256-ctr -pbkdf2 -pass file:{passphrase}"
             f" -in {out}/base.tar.zst.enc | zstd -q -d | tar -x -C {out}/restore-c",
             out,
+            reset=f"rm -rf {out}/restore-c",
         )
     finally:
         cluster.stop(remove=False)
@@ -162,7 +178,9 @@ def main():
     )
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--workdir", default="/var/tmp/pgbackup-bench")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each case; the median is reported")
     args = parser.parse_args()
+    common.REPEAT = args.repeat
     data = run(args)
     report(data)
     save_results("basebackup", data)

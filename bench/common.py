@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -21,18 +22,37 @@ def log(message: str):
     print(f"[{datetime.datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def measure(name: str, shell: str, workdir: str) -> dict:
-    """Run a shell command under GNU time: wall seconds and the largest process's RSS."""
+# How many times each case runs; the median wall time is reported. Set by --repeat.
+REPEAT = 1
+
+
+def measure(name: str, shell: str, workdir: str, reset: str = "") -> dict:
+    """Run a shell command REPEAT times under GNU time: the median wall seconds and the
+    largest single process's RSS. `reset`, if given, runs untimed before each run."""
     timing = os.path.join(workdir, "time.out")
-    subprocess.run(
-        ["/usr/bin/time", "-f", "%e %M", "-o", timing, "bash", "-o", "pipefail", "-c", shell],
-        check=True,
-        env=os.environ,
+    walls, peak_kb = [], 0
+    for _ in range(REPEAT):
+        if reset:
+            subprocess.run(["bash", "-c", reset], check=True)
+        subprocess.run(
+            ["/usr/bin/time", "-f", "%e %M", "-o", timing, "bash", "-o", "pipefail", "-c", shell],
+            check=True,
+            env=os.environ,
+        )
+        with open(timing) as handle:
+            wall, rss_kb = handle.read().split()[-2:]
+        walls.append(float(wall))
+        peak_kb = max(peak_kb, int(rss_kb))
+    result = {
+        "name": name,
+        "wall_s": statistics.median(walls),
+        "runs_s": walls,
+        "peak_rss_mb": peak_kb / 1024,
+    }
+    log(
+        f"{name}: {result['wall_s']:.1f} s (runs: {', '.join(f'{w:.1f}' for w in walls)}), "
+        f"peak RSS {result['peak_rss_mb']:.0f} MB"
     )
-    with open(timing) as handle:
-        wall, rss_kb = handle.read().split()[-2:]
-    result = {"name": name, "wall_s": float(wall), "peak_rss_mb": int(rss_kb) / 1024}
-    log(f"{name}: {result['wall_s']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB")
     return result
 
 

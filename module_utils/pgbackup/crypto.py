@@ -13,7 +13,9 @@ import hashlib
 import hmac
 import io
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 
 from .errors import CorruptError, KeyFileError, PgBackupError, WrongKeyError
@@ -397,9 +399,46 @@ def encrypt_stream(
 ) -> StreamStats:
     """Encrypt everything readable from `source` into `target`."""
     writer = EncryptingWriter(target, key, compression_level=compression_level, threads=threads)
-    while True:
-        block = source.read(read_bytes)
-        if not block:
-            break
+    for block in _read_ahead(source, read_bytes):
         writer.write(block)
     return writer.close()
+
+
+def _read_ahead(source, read_bytes: int, depth: int = 4):
+    """Yield blocks of `source` read by a helper thread, a few blocks ahead, so that the
+    program writing into a pipe (pg_dump) never waits while a block is encrypted."""
+    blocks: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def reader():
+        try:
+            while not stop.is_set():
+                block = source.read(read_bytes)
+                _put(blocks, block, stop)
+                if not block:
+                    return
+        except BaseException as error:  # handed to the consumer, raised there
+            _put(blocks, error, stop)
+
+    thread = threading.Thread(target=reader, name="pgbackup-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = blocks.get()
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _put(blocks: queue.Queue, item, stop: threading.Event):
+    while not stop.is_set():
+        try:
+            blocks.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            continue
