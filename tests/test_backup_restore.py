@@ -394,3 +394,19 @@ def test_cli_verify_of_corrupt_set_exits_non_zero(rich_set, key_file):
     result = run_cli("verify", path, "--key-file", key_file)
     assert result.returncode == 1
     assert "failed authentication" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_restoring_every_database_includes_the_maintenance_database(rich_db, key, tmp_path):
+    """A disaster restore takes all databases, `postgres` (the one we connect to) too."""
+    query("postgres", "CREATE TABLE IF NOT EXISTS maintenance_probe (x int)")
+    query("postgres", "INSERT INTO maintenance_probe VALUES (42)")
+    record = backup.create_backup_set(str(tmp_path / "all"), key, databases=["postgres", rich_db])
+    query("postgres", "INSERT INTO maintenance_probe VALUES (43)")
+    result = restore.restore_set(record["path"], key, force=True, jobs=2)
+    kept = {item["target"]: item["kept_previous_as"] for item in result["databases"]}
+    assert set(kept) == {"postgres", rich_db}
+    assert query("postgres", "SELECT array_agg(x ORDER BY x) FROM maintenance_probe") == [([42],)]
+    assert query(kept["postgres"], "SELECT array_agg(x ORDER BY x) FROM maintenance_probe") == [([42, 43],)]
+    query("postgres", "DROP TABLE maintenance_probe")
+    for previous in kept.values():
+        query("template1", f'DROP DATABASE "{previous}"')

@@ -25,6 +25,13 @@ else:
     PSYCOPG_ERROR = None
 
 MAINTENANCE_DB = "postgres"
+# Where to stand while dropping or renaming the maintenance database itself.
+FALLBACK_MAINTENANCE_DB = "template1"
+
+
+def admin_db_for(target: str) -> str:
+    """The database to connect to for CREATE/DROP/ALTER DATABASE on `target`."""
+    return FALLBACK_MAINTENANCE_DB if target == MAINTENANCE_DB else MAINTENANCE_DB
 
 
 def tool(name: str) -> str:
@@ -128,15 +135,30 @@ def create_database(conn, name: str, like: dict):
     )
     if owner:
         statement = statement + sql.SQL(" OWNER {}").format(sql.Identifier(owner))
-    conn.execute(statement)
+    _admin(conn, statement, f"creating database {name!r}")
 
 
 def drop_database(conn, name: str):
-    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+    _admin(
+        conn,
+        sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)),
+        f"dropping database {name!r}",
+    )
 
 
 def rename_database(conn, old: str, new: str):
-    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
+    _admin(
+        conn,
+        sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)),
+        f"renaming database {old!r} to {new!r}",
+    )
+
+
+def _admin(conn, statement, doing: str):
+    try:
+        conn.execute(statement)
+    except psycopg.Error as error:
+        raise PgBackupError(f"{doing} failed: {str(error).strip().splitlines()[0]}") from None
 
 
 class ToolRun:

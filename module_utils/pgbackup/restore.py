@@ -268,18 +268,27 @@ def _restore_database(database: dict, target: str, staged_path: str, fate: str, 
             pg.drop_database(conn, scratch)
         raise
     kept_as = None
-    with pg.connect() as conn:
-        if fate != "create" and pg.other_sessions(conn, target):
+    with pg.connect(pg.admin_db_for(target)) as conn:
+        try:
+            if fate != "create" and pg.other_sessions(conn, target):
+                raise RefusedError(
+                    f"database {target!r} got open sessions during the restore; nothing was replaced"
+                )
+            if fate == "keep-previous":
+                kept_as = _fit_identifier(target, f"_pre_restore_{suffix}")
+                pg.rename_database(conn, target, kept_as)
+            elif fate == "replace-empty":
+                pg.drop_database(conn, target)
+        except PgBackupError:
             pg.drop_database(conn, scratch)
-            raise RefusedError(
-                f"database {target!r} got open sessions during the restore; nothing was replaced"
-            )
-        if fate == "keep-previous":
-            kept_as = _fit_identifier(target, f"_pre_restore_{suffix}")
-            pg.rename_database(conn, target, kept_as)
-        elif fate == "replace-empty":
-            pg.drop_database(conn, target)
-        pg.rename_database(conn, scratch, target)
+            raise
+        try:
+            pg.rename_database(conn, scratch, target)
+        except PgBackupError as error:
+            raise PgBackupError(
+                f"{error}; the restored data is in database {scratch!r}"
+                + (f" and the previous one in {kept_as!r}" if kept_as else "")
+            ) from None
     log.info(
         "database %s restored as %s%s",
         database["name"],
