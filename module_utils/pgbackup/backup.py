@@ -12,7 +12,7 @@ import logging
 import os
 import re
 
-from . import pg
+from . import manifest, pg
 from .crypto import Key
 from .errors import PgBackupError
 from .fsutil import fsync_dir
@@ -63,17 +63,7 @@ def plan(databases: list[str] | None = None) -> dict:
     with pg.connect() as conn:
         server = pg.server_info(conn)
         available = pg.list_databases(conn)
-    return {"server": server, "databases": _select(available, databases)}
-
-
-def _select(available: list[dict], wanted: list[str] | None) -> list[dict]:
-    if wanted is None:  # None means every database; [] means globals only
-        return available
-    by_name = {database["name"]: database for database in available}
-    missing = [name for name in wanted if name not in by_name]
-    if missing:
-        raise PgBackupError(f"database(s) not found on the server: {', '.join(missing)}")
-    return [by_name[name] for name in wanted]
+    return {"server": server, "databases": manifest.select_databases(available, databases, "on the server")}
 
 
 def create_backup_set(
@@ -92,9 +82,8 @@ def create_backup_set(
         raise PgBackupError("--jobs must be at least 1")
     if jobs > 1 and dump_format != "directory":
         raise PgBackupError("parallel dumps (--jobs > 1) need --format directory")
-    with pg.connect() as conn:
-        server = pg.server_info(conn)
-        selected = _select(pg.list_databases(conn), databases)
+    planned = plan(databases)
+    server, selected = planned["server"], planned["databases"]
     level = compression_level
 
     def fill(folder: str, record: dict):

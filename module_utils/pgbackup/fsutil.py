@@ -49,6 +49,15 @@ def free_bytes(path: str) -> int:
     return stats.f_bavail * stats.f_frsize
 
 
+def require_free_space(path: str, needed: int, purpose: str):
+    """Refuse before writing anything when path's filesystem cannot hold `needed` bytes."""
+    available = free_bytes(path)
+    if needed > available:
+        raise PgBackupError(
+            f"not enough free space in {path} {purpose}: need {needed} bytes, have {available}"
+        )
+
+
 def remove_tree(path: str):
     shutil.rmtree(path, ignore_errors=False)
 

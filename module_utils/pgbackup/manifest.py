@@ -10,7 +10,7 @@ import os
 import re
 
 from .crypto import Key
-from .errors import CorruptError, WrongKeyError
+from .errors import CorruptError, PgBackupError, WrongKeyError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "pgbackup-set"
@@ -79,6 +79,20 @@ def check(manifest: dict, key: Key, set_path: str):
         raise CorruptError(
             f"{set_path}/{MANIFEST_NAME} was altered after the backup (its MAC does not match)"
         )
+
+
+def select_databases(available: list[dict], wanted: list[str] | None, where: str) -> list[dict]:
+    """Pick databases by name, in the order asked. None means all; [] means none (globals
+    only); a name not in `available` is an error that says `where` was looked at."""
+    if wanted is None:
+        return available
+    by_name = {database["name"]: database for database in available}
+    missing = [name for name in wanted if name not in by_name]
+    if missing:
+        raise PgBackupError(
+            f"database(s) not found {where}: {', '.join(missing)} (there: {', '.join(by_name) or 'none'})"
+        )
+    return [by_name[name] for name in wanted]
 
 
 def files_of(manifest: dict):

@@ -13,10 +13,10 @@ import re
 import subprocess
 
 from . import pg
-from .crypto import Key, decrypt_stream
-from .errors import CorruptError, PgBackupError, RefusedError
-from .fsutil import describe_os_error, free_bytes, hold, remove_tree
-from .restore import open_set
+from .crypto import Key
+from .errors import PgBackupError, RefusedError
+from .fsutil import describe_os_error, hold, remove_tree, require_free_space
+from .restore import decrypt_checked, open_set
 from .sets import build_set, stream_program_to_file
 
 log = logging.getLogger("pgbackup")
@@ -47,10 +47,12 @@ def create_base_backup(dest: str, key: Key, compression_level: int = 3, threads:
         )
         record["base"] = {"path": BASE_FILE, **entry}
         points = {kind: (lsn, timeline) for kind, lsn, timeline in _LSN.findall(stderr)}
+        start_lsn, timeline = points.get("start", (None, ""))
+        end_lsn, _ = points.get("end", (None, ""))
         record["wal"] = {
-            "start_lsn": points.get("start", (None, None))[0],
-            "end_lsn": points.get("end", (None, None))[0],
-            "timeline": int(points["start"][1]) if points.get("start", (None, ""))[1] else None,
+            "start_lsn": start_lsn,
+            "end_lsn": end_lsn,
+            "timeline": int(timeline) if timeline else None,
         }
 
     return build_set(dest, "physical", key, server, compression_level, fill)
@@ -74,12 +76,9 @@ def restore_base(set_path: str, key: Key, target_dir: str) -> dict:
             raise RefusedError(
                 f"target directory {target_dir} is not empty; restore a base backup into a new folder"
             )
-        parent = os.path.dirname(target_dir)
-        if record["base"]["plaintext_size"] > free_bytes(parent):
-            raise PgBackupError(
-                f"not enough free space in {parent}: need {record['base']['plaintext_size']} bytes, "
-                f"have {free_bytes(parent)}"
-            )
+        require_free_space(
+            os.path.dirname(target_dir), record["base"]["plaintext_size"], "to unpack the base backup"
+        )
         created = not os.path.exists(target_dir)
         try:
             os.makedirs(target_dir, mode=0o700, exist_ok=True)
@@ -99,18 +98,14 @@ def restore_base(set_path: str, key: Key, target_dir: str) -> dict:
 
 
 def _unpack(set_path: str, entry: dict, key: Key, target_dir: str):
-    path = os.path.join(set_path, entry["path"])
     tar = pg.ToolRun(["tar", "--extract", "--file=-", f"--directory={target_dir}"], stdin=subprocess.PIPE)
     try:
-        with open(path, "rb") as source:
-            stats = decrypt_stream(source, tar.process.stdin, key, name=path)
+        decrypt_checked(set_path, entry, key, tar.process.stdin)
         tar.process.stdin.close()
-        tar.finish(f"unpacking {path}")
+        tar.finish(f"unpacking {entry['path']}")
     except BaseException:
         tar.kill()
         raise
-    if stats.sha256 != entry["sha256"] or stats.encrypted_bytes != entry["size"]:
-        raise CorruptError(f"{path} does not match the manifest (SHA-256 or size differs)")
 
 
 def _clear(target_dir: str, created: bool):

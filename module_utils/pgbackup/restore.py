@@ -18,7 +18,7 @@ import tempfile
 from . import manifest, pg
 from .crypto import Key, decrypt_stream
 from .errors import CorruptError, PgBackupError, RefusedError
-from .fsutil import describe_os_error, free_bytes, hold, remove_tree
+from .fsutil import describe_os_error, hold, remove_tree, require_free_space
 
 log = logging.getLogger("pgbackup")
 
@@ -30,7 +30,7 @@ class _Discard:
         return len(data)
 
 
-def _decrypt_checked(set_path: str, entry: dict, key: Key, target) -> int:
+def decrypt_checked(set_path: str, entry: dict, key: Key, target) -> int:
     """Decrypt one file of the set into target and check it against the manifest."""
     path = os.path.join(set_path, entry["path"])
     try:
@@ -67,7 +67,7 @@ def verify_set(set_path: str, key: Key) -> dict:
         plaintext = 0
         count = 0
         for entry, _database in manifest.files_of(record):
-            plaintext += _decrypt_checked(set_path, entry, key, _Discard())
+            plaintext += decrypt_checked(set_path, entry, key, _Discard())
             count += 1
     log.info("verified %s: %d file(s), %d bytes of dump data", set_path, count, plaintext)
     return {
@@ -86,19 +86,6 @@ def _fit_identifier(base: str, suffix: str) -> str:
     room = _IDENTIFIER_BYTES - len(suffix.encode())
     cut = base.encode()[:room].decode("utf-8", "ignore")
     return cut + suffix
-
-
-def _select_databases(record: dict, wanted: list[str] | None) -> list[dict]:
-    if wanted is None:  # None means every database; [] means globals only
-        return record["databases"]
-    by_name = {database["name"]: database for database in record["databases"]}
-    missing = [name for name in wanted if name not in by_name]
-    if missing:
-        raise PgBackupError(
-            f"database(s) {', '.join(missing)} are not in this backup set "
-            f"(it holds: {', '.join(by_name) or 'none'})"
-        )
-    return [by_name[name] for name in wanted]
 
 
 def _preflight(targets: list[tuple[dict, str]], force: bool) -> dict[str, str]:
@@ -144,7 +131,7 @@ def _stage(
     for entry, path in jobs:
         try:
             with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as target:
-                _decrypt_checked(set_path, entry, key, target)
+                decrypt_checked(set_path, entry, key, target)
         except OSError as error:
             raise describe_os_error(error, f"staging {entry['path']} in {staging}") from None
     if include_globals:
@@ -174,7 +161,7 @@ def _restore_globals(path: str):
 
 def _plan(set_path: str, key: Key, databases: list[str] | None, target_db: str | None, force: bool):
     record = open_set(set_path, key)
-    selected = _select_databases(record, databases)
+    selected = manifest.select_databases(record["databases"], databases, "in this backup set")
     if target_db is not None and len(selected) != 1:
         raise PgBackupError("--target-db needs exactly one --database to restore")
     targets = [(database, target_db or database["name"]) for database in selected]
@@ -221,12 +208,7 @@ def restore_set(
         needed = sum(entry["plaintext_size"] for database in selected for entry in database["files"])
         if include_globals:
             needed += record["globals"]["plaintext_size"]
-        available = free_bytes(staging_parent)
-        if needed > available:
-            raise PgBackupError(
-                f"not enough free space in {staging_parent} to stage the restore: "
-                f"need {needed} bytes, have {available} (choose another --staging-dir)"
-            )
+        require_free_space(staging_parent, needed, "to stage the restore (choose another --staging-dir)")
         try:
             staging = tempfile.mkdtemp(prefix=".restore-", dir=staging_parent)
         except OSError as error:
