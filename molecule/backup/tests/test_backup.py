@@ -106,14 +106,18 @@ def test_the_set_restores_with_its_data(host, first_run):
         psql(host, "DROP DATABASE IF EXISTS streaming_check")
 
 
+def checksums(target, folder):
+    """sha256 of every file of a set folder, by relative path (the lock file is not part of a set)."""
+    result = target.run("cd %s && sha256sum $(find . -type f ! -name .lock | sort)", folder)
+    assert result.rc == 0, result.stderr
+    return result.stdout
+
+
 def test_offsite_copy_has_the_same_files_and_checksums(host, offsite, first_run):
-    path = complete_sets(host)[0]["path"]
-    name = path.rsplit("/", 1)[1]
-    local = host.run("cd %s && sha256sum $(find . -type f ! -name .lock | sort)", path)
-    remote = offsite.run("cd /srv/offsite/pg-backup-1/%s && sha256sum $(find . -type f | sort)", name)
-    assert local.rc == 0 and remote.rc == 0, (local.stderr, remote.stderr)
-    assert local.stdout == remote.stdout
-    assert "manifest.json" in remote.stdout and ".enc" in remote.stdout
+    newest = complete_sets(host)[0]
+    remote = checksums(offsite, f"/srv/offsite/pg-backup-1/{newest['name']}")
+    assert checksums(host, newest["path"]) == remote
+    assert "manifest.json" in remote and ".enc" in remote
 
 
 def test_every_event_is_logged_and_metrics_say_success(host, first_run):
@@ -268,10 +272,8 @@ def test_external_drive_is_skipped_unmounted_and_filled_when_mounted(host, first
         assert scheduled_run(host).rc == 0, host.file(LOG).content_string
         assert "external drive copy to /mnt/external done" in host.file(LOG).content_string
         newest = complete_sets(host)[0]
-        local = host.run("cd %s && sha256sum $(find . -type f ! -name .lock | sort)", newest["path"])
-        copied = host.run(
-            "cd /mnt/external/postgresql/%s && sha256sum $(find . -type f | sort)", newest["name"]
+        assert checksums(host, newest["path"]) == checksums(
+            host, f"/mnt/external/postgresql/{newest['name']}"
         )
-        assert local.rc == 0 and copied.rc == 0 and local.stdout == copied.stdout
     finally:
         host.run("umount /mnt/external")
