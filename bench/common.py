@@ -28,12 +28,15 @@ REPEAT = 1
 
 def measure(name: str, shell: str, workdir: str, reset: str = "") -> dict:
     """Run a shell command REPEAT times under GNU time: the median wall seconds and the
-    largest single process's RSS. `reset`, if given, runs untimed before each run."""
+    largest single process's RSS. `reset`, if given, runs untimed before each run, and
+    so does `sync`."""
     timing = os.path.join(workdir, "time.out")
     walls, peak_kb = [], 0
     for _ in range(REPEAT):
         if reset:
             subprocess.run(["bash", "-c", reset], check=True)
+        # Each run starts with no dirty pages of the one before still being written back.
+        subprocess.run(["sync"], check=True)
         subprocess.run(
             ["/usr/bin/time", "-f", "%e %M", "-o", timing, "bash", "-o", "pipefail", "-c", shell],
             check=True,

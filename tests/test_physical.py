@@ -3,17 +3,20 @@ checked with pg_verifybackup, and a server really starts on the result."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import pathlib
 import shutil
 import subprocess
+import tarfile
 import tempfile
 
 import psycopg
 import pytest
 from conftest import query, run_cli
-from pgbackup import physical, retention
-from pgbackup.errors import CorruptError, RefusedError
+from pgbackup import crypto, manifest, physical, retention, sets
+from pgbackup.errors import CorruptError, PgBackupError, RefusedError
 from pgcluster import PG_BIN, as_cluster_owner, free_port
 
 
@@ -45,8 +48,10 @@ def restore_target(folder):
 def test_base_backup_set_has_wal_positions_and_manifest(base_set):
     assert base_set["kind"] == "physical"
     assert base_set["wal"]["start_lsn"] and base_set["wal"]["end_lsn"]
-    assert base_set["base"]["plaintext_size"] > 10_000_000
-    assert os.stat(os.path.join(base_set["path"], "base.tar.enc")).st_mode & 0o777 == 0o600
+    assert [part["path"] for part in base_set["base"]] == ["base.1.tar.enc", "base.2.tar.enc"]
+    assert sum(part["plaintext_size"] for part in base_set["base"]) > 10_000_000
+    for part in base_set["base"]:
+        assert os.stat(os.path.join(base_set["path"], part["path"])).st_mode & 0o777 == 0o600
 
 
 def test_restored_copy_verifies_and_starts_with_the_data(base_set, key, reachable, cluster):
@@ -91,7 +96,7 @@ def test_non_empty_target_is_refused_and_left_alone(base_set, key, tmp_path):
 def test_corrupt_base_backup_leaves_no_half_restored_folder(base_set, key, tmp_path):
     damaged = tmp_path / "damaged-set"
     shutil.copytree(base_set["path"], damaged)
-    path = damaged / "base.tar.enc"
+    path = damaged / base_set["base"][1]["path"]
     with open(path, "r+b") as handle:
         handle.seek(os.path.getsize(path) // 2)
         byte = handle.read(1)
@@ -101,6 +106,60 @@ def test_corrupt_base_backup_leaves_no_half_restored_folder(base_set, key, tmp_p
     with pytest.raises(CorruptError, match="failed authentication"):
         physical.restore_base(str(damaged), key, str(target))
     assert not target.exists()
+
+
+def resealed_copy(base_set, key, folder, edit) -> str:
+    """A copy of the set whose tars went through edit(member, data) -> (member, data) or
+    None, then were encrypted and sealed again with the key: a base backup that is
+    authentic to the stream but not what PostgreSQL's backup_manifest describes."""
+    copy = folder / "resealed-set"
+    shutil.copytree(base_set["path"], copy)
+    record = manifest.load(str(copy))
+    for part in record["base"]:
+        plain, edited = folder / "part.tar", folder / "edited.tar"
+        with open(copy / part["path"], "rb") as source, open(plain, "wb") as target:
+            crypto.decrypt_stream(source, target, key)
+        with tarfile.open(plain) as original, tarfile.open(edited, "w", format=tarfile.GNU_FORMAT) as result:
+            for member in original:
+                data = original.extractfile(member).read() if member.isfile() else None
+                kept = edit(member, data)
+                if kept is not None:
+                    result.addfile(kept[0], None if kept[1] is None else io.BytesIO(kept[1]))
+        with open(edited, "rb") as source, open(copy / part["path"], "wb") as target:
+            stats = crypto.encrypt_stream(source, target, key)
+        part.update(size=stats.encrypted_bytes, plaintext_size=stats.plaintext_bytes, sha256=stats.sha256)
+    with open(copy / manifest.MANIFEST_NAME, "w") as handle:
+        json.dump(manifest.seal(record, key), handle)
+    return str(copy)
+
+
+def test_file_missing_from_the_base_tar_is_caught_by_pg_verifybackup(base_set, key, tmp_path):
+    copy = resealed_copy(
+        base_set, key, tmp_path, lambda member, data: None if member.name == "PG_VERSION" else (member, data)
+    )
+    target = restore_target(tmp_path)
+    with pytest.raises(PgBackupError, match=r"pg_verifybackup.*PG_VERSION"):
+        physical.restore_base(copy, key, str(target))
+    assert not target.exists()
+
+
+def test_verify_checksums_reads_the_restored_files_back(base_set, key, tmp_path):
+    def alter_version_file(member, data):
+        if member.name == "PG_VERSION":
+            data = data.replace(b"1", b"9")  # same size, other bytes
+        return member, data
+
+    copy = resealed_copy(base_set, key, tmp_path, alter_version_file)
+    # The default check is structural (files and sizes, WAL): the altered bytes pass it...
+    quick = physical.restore_base(copy, key, str(tmp_path / "quick"))
+    assert quick["checksums_verified"] is False
+    # ...reading every file back against the backup_manifest checksums does not.
+    target = tmp_path / "full"
+    with pytest.raises(PgBackupError, match="checksum mismatch"):
+        physical.restore_base(copy, key, str(target), verify_checksums=True)
+    assert not target.exists()
+    report = physical.restore_base(base_set["path"], key, str(tmp_path / "intact"), verify_checksums=True)
+    assert report["checksums_verified"] is True
 
 
 def test_cli_basebackup_and_separate_retention(cluster, key_file, tmp_path):
@@ -116,3 +175,89 @@ def test_cli_basebackup_and_separate_retention(cluster, key_file, tmp_path):
     assert report["removed"] == []
     kinds = sorted(entry["kind"] for entry in retention.scan(str(dest)))
     assert kinds == ["logical", "physical"]
+
+
+def sample_tar() -> bytes:
+    """A tar shaped like pg_basebackup's: each directory before what is in it, empty and
+    multi-block files, and a name too long for ustar (an extension header first)."""
+    buffer = io.BytesIO()
+
+    def add(name: str, size: int | None = None):
+        info = tarfile.TarInfo(name)
+        if size is None:
+            info.type = tarfile.DIRTYPE
+            archive.addfile(info)
+        else:
+            info.size = size
+            archive.addfile(info, io.BytesIO(os.urandom(size)))
+
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        add("PG_VERSION", 3)
+        add("base")
+        add("base/1")
+        for index, size in enumerate([0, 1, 511, 512, 513, 70_000, 1_000_000, 3]):
+            add(f"base/1/{index}", size)
+        add("pg_wal")
+        add("pg_wal/" + "long-name-" * 20, 5000)
+        add("global")
+        add("global/pg_control", 8192)
+    return buffer.getvalue()
+
+
+def contents(tar_bytes: bytes) -> dict:
+    """Member name -> file content (bytes), or "directory", in the order of the tar."""
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as archive:
+        return {m.name: archive.extractfile(m).read() if m.isfile() else "directory" for m in archive}
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+@pytest.mark.parametrize("block", [1, 100, 512, 4096, 1 << 20])
+def test_tar_splitter_deals_whole_members_into_valid_tars(parts, block):
+    original = sample_tar()
+    outputs = [io.BytesIO() for _ in range(parts)]
+    splitter = physical.TarSplitter(outputs)
+    for offset in range(0, len(original), block):
+        splitter.write(original[offset : offset + block])
+    splitter.close()
+    merged = {}
+    directories = {name for name, value in contents(original).items() if value == "directory"}
+    for output in outputs:
+        part = contents(output.getvalue())
+        assert directories <= part.keys(), "every part has every directory"
+        order = list(part)
+        for name in part:
+            parent = os.path.dirname(name)
+            assert not parent or order.index(parent) < order.index(name), "a directory before its files"
+        assert not (merged.keys() & part.keys()) - directories, "every file is in one part only"
+        merged.update(part)
+    assert merged == contents(original)
+    assert splitter.members == len(merged)
+    if parts > 1:
+        assert all(len(contents(output.getvalue())) > len(directories) for output in outputs)
+
+
+def test_tar_splitter_refuses_what_is_not_a_whole_tar():
+    original = bytearray(sample_tar())
+    with pytest.raises(PgBackupError, match="ended early"):
+        splitter = physical.TarSplitter([io.BytesIO()])
+        splitter.write(bytes(original[:3000]))
+        splitter.close()
+    original[148] ^= 0x01  # the first header's checksum
+    with pytest.raises(PgBackupError, match="bad header checksum"):
+        physical.TarSplitter([io.BytesIO()]).write(bytes(original))
+
+
+def test_program_dying_mid_stream_is_reported_by_its_own_error(key, tmp_path):
+    """When the program's output stops short, the error is the program's, not the tar's,
+    and no file of the half-written backup is left behind."""
+    tar_file = tmp_path / "sample.tar"
+    tar_file.write_bytes(sample_tar())
+    argv = [
+        "sh",
+        "-c",
+        f"head -c 2000 {tar_file}; echo 'pg_basebackup: error: connection lost' >&2; exit 1",
+    ]
+    paths = [str(tmp_path / "a.enc"), str(tmp_path / "b.enc")]
+    with pytest.raises(PgBackupError, match="pg_basebackup failed: pg_basebackup: error: connection lost"):
+        sets.stream_program_to_files(argv, paths, key, 3, 1, "pg_basebackup", splitter=physical.TarSplitter)
+    assert sorted(os.listdir(tmp_path)) == ["sample.tar"]

@@ -16,7 +16,7 @@ from . import manifest, pg
 from .crypto import Key
 from .errors import PgBackupError
 from .fsutil import fsync_dir
-from .sets import build_set, encrypt_file, stream_program_to_file
+from .sets import build_set, encrypt_file, stream_program_to_files
 
 log = logging.getLogger("pgbackup")
 
@@ -99,9 +99,9 @@ def create_backup_set(
         if not server["superuser"]:
             globals_argv.append("--no-role-passwords")
             log.warning("not a superuser: roles are dumped without their password hashes")
-        entry, _ = stream_program_to_file(
+        (entry,), _ = stream_program_to_files(
             globals_argv,
-            os.path.join(folder, "globals.sql.enc"),
+            [os.path.join(folder, "globals.sql.enc")],
             key,
             level,
             threads,
@@ -113,7 +113,7 @@ def create_backup_set(
             stem = f"db-{index:03d}-{_safe_name(database['name'])}"
             if dump_format == "custom":
                 path = f"{stem}.dump.enc"
-                entry, _ = stream_program_to_file(
+                (entry,), _ = stream_program_to_files(
                     [
                         pg.tool("pg_dump"),
                         "--no-password",
@@ -121,7 +121,7 @@ def create_backup_set(
                         "--compress=0",
                         f"--dbname={database['name']}",
                     ],
-                    os.path.join(folder, path),
+                    [os.path.join(folder, path)],
                     key,
                     level,
                     threads,

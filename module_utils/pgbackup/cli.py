@@ -72,14 +72,14 @@ def cmd_backup(args):
 def cmd_basebackup(args):
     key = crypto.load_key(args.key_file)
     record = physical.create_base_backup(
-        args.dest, key, compression_level=args.compression_level, threads=args.threads
+        args.dest, key, compression_level=args.compression_level, threads=args.threads, parts=args.parts
     )
     _print(record, args.json, record["path"])
 
 
 def cmd_restore_base(args):
     key = crypto.load_key(args.key_file)
-    report = physical.restore_base(args.set, key, args.target_dir)
+    report = physical.restore_base(args.set, key, args.target_dir, verify_checksums=args.verify_checksums)
     _print(report, args.json, f"{report['name']} restored into {report['target_dir']} and verified")
 
 
@@ -178,12 +178,23 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     sub.add_argument("--dest", required=True, help="backup directory; the set is a new folder in it")
     key_option(sub)
     compression_options(sub)
+    sub.add_argument(
+        "--parts",
+        type=int,
+        default=2,
+        help="files the base tar is split into, written and restored side by side (default 2)",
+    )
     sub.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
     sub = command("restore-base", cmd_restore_base, "unpack a base backup into an empty folder and verify it")
     sub.add_argument("set", help="path of the physical backup set")
     key_option(sub)
     sub.add_argument("--target-dir", required=True, help="new or empty folder to unpack into")
+    sub.add_argument(
+        "--verify-checksums",
+        action="store_true",
+        help="also read every restored file back against the backup_manifest checksums",
+    )
     sub.add_argument("--json", action="store_true")
 
     sub = command("verify", cmd_verify, "decrypt and check every file of a set; touches no database")

@@ -303,6 +303,12 @@ class _DecryptedChunks(io.RawIOBase):
         self._counter = 0
         self._buffer = memoryview(b"")
         self._finished = False
+        self._ahead = None
+
+    def close(self):
+        if self._ahead is not None:
+            self._ahead.close()  # stops and joins the read-ahead thread
+        super().close()
 
     def _read_exact(self, size: int) -> bytes:
         data = self._source.read(size)
@@ -348,6 +354,14 @@ class _DecryptedChunks(io.RawIOBase):
                 raise CorruptError(f"{self._name} has data after its final chunk (spliced or corrupted)")
         return plaintext
 
+    def _next_payload(self) -> bytes:
+        """The next non-empty plaintext, or b"" once the final chunk is authenticated."""
+        while not self._finished:
+            plaintext = self._next_chunk()
+            if plaintext:
+                return plaintext
+        return b""
+
     @property
     def finished(self) -> bool:
         return self._finished
@@ -356,10 +370,13 @@ class _DecryptedChunks(io.RawIOBase):
         return True
 
     def readinto(self, target) -> int:
+        if self._ahead is None:
+            self._ahead = read_ahead(self._next_payload)
         while not self._buffer:
-            if self._finished:
+            block = next(self._ahead, b"")
+            if not block:
                 return 0
-            self._buffer = memoryview(self._next_chunk())
+            self._buffer = memoryview(block)
         size = min(len(target), len(self._buffer))
         target[:size] = self._buffer[:size]
         self._buffer = self._buffer[size:]
@@ -386,11 +403,13 @@ def decrypt_stream(source, target, key: Key, name: str = "stream", read_bytes: i
                 break
             plaintext_bytes += len(block)
             target.write(block)
+        # Reading to the end authenticates the final chunk even when zstd stopped early.
+        if chunks.read(1) or not chunks.finished:
+            raise CorruptError(f"{name}: the compressed payload ends before the encrypted stream does")
     except zstandard.ZstdError as error:
         raise CorruptError(f"{name}: the compressed payload is invalid ({error})") from None
-    # Reading to the end authenticates the final chunk even when zstd stopped early.
-    if chunks.read(1) or not chunks.finished:
-        raise CorruptError(f"{name}: the compressed payload ends before the encrypted stream does")
+    finally:
+        chunks.close()
     return StreamStats(plaintext_bytes, chunks.encrypted_bytes, chunks.sha256.hexdigest())
 
 
@@ -399,28 +418,30 @@ def encrypt_stream(
 ) -> StreamStats:
     """Encrypt everything readable from `source` into `target`."""
     writer = EncryptingWriter(target, key, compression_level=compression_level, threads=threads)
-    for block in _read_ahead(source, read_bytes):
+    for block in read_ahead(lambda: source.read(read_bytes)):
         writer.write(block)
     return writer.close()
 
 
-def _read_ahead(source, read_bytes: int, depth: int = 4):
-    """Yield blocks of `source` read by a helper thread, a few blocks ahead, so that the
-    program writing into a pipe (pg_dump) never waits while a block is encrypted."""
+def read_ahead(next_block, depth: int = 4):
+    """Yield what `next_block()` returns, produced by a helper thread a few blocks ahead,
+    until it returns an empty block. Encrypting, it keeps the pipe from pg_dump flowing
+    while a block is encrypted; decrypting, it reads, hashes and decrypts the next chunks
+    while this thread decompresses and writes (both release the GIL)."""
     blocks: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
-    def reader():
+    def produce():
         try:
             while not stop.is_set():
-                block = source.read(read_bytes)
+                block = next_block()
                 _put(blocks, block, stop)
                 if not block:
                     return
         except BaseException as error:  # handed to the consumer, raised there
             _put(blocks, error, stop)
 
-    thread = threading.Thread(target=reader, name="pgbackup-read-ahead", daemon=True)
+    thread = threading.Thread(target=produce, name="pgbackup-read-ahead", daemon=True)
     thread.start()
     try:
         while True:

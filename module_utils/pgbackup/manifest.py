@@ -99,8 +99,8 @@ def files_of(manifest: dict):
     """Every encrypted file in the set, as (entry, database name or None)."""
     if manifest.get("globals"):
         yield manifest["globals"], None
-    if manifest.get("base"):
-        yield manifest["base"], None
+    for entry in manifest.get("base", []):
+        yield entry, None
     for database in manifest.get("databases", []):
         for entry in database["files"]:
             yield entry, database["name"]

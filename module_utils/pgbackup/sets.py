@@ -8,52 +8,95 @@ failure the partial folder is removed, so a set that `list` calls complete is co
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import socket
 import subprocess
 
 from . import __version__, manifest, pg
-from .crypto import Key, encrypt_stream
+from .crypto import EncryptingWriter, Key, read_ahead
+from .errors import PgBackupError
 from .fsutil import describe_os_error, fsync_dir, hold, remove_tree, write_json_atomic
 
 log = logging.getLogger("pgbackup")
 
 READ_BYTES = 1 << 20
-_F_SETPIPE_SZ = 1031
+
+
+class EncryptedFile:
+    """A private (0600) encrypted file, written under a temporary name: commit() fsyncs
+    it and renames it into place, discard() removes what was written."""
+
+    def __init__(self, path: str, key: Key, level: int, threads: int):
+        self.path = path
+        self._tmp = f"{path}.tmp"
+        self._raw = open(os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")  # noqa: SIM115
+        try:
+            self._writer = EncryptingWriter(self._raw, key, compression_level=level, threads=threads)
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, data) -> int:
+        return self._writer.write(data)
+
+    def commit(self) -> dict:
+        """The file's manifest entry, once it is durable under its own name."""
+        stats = self._writer.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        os.rename(self._tmp, self.path)
+        return {
+            "size": stats.encrypted_bytes,
+            "plaintext_size": stats.plaintext_bytes,
+            "sha256": stats.sha256,
+        }
+
+    def discard(self):
+        self._raw.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
 
 
 def encrypt_file(path: str, source, key: Key, level: int, threads: int) -> dict:
-    """Stream `source` into a private encrypted file at path, via a temporary name."""
-    tmp = f"{path}.tmp"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as raw:
-        stats = encrypt_stream(
-            source, raw, key, compression_level=level, threads=threads, read_bytes=READ_BYTES
-        )
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.rename(tmp, path)
-    return {"size": stats.encrypted_bytes, "plaintext_size": stats.plaintext_bytes, "sha256": stats.sha256}
-
-
-def stream_program_to_file(
-    argv: list[str], path: str, key: Key, level: int, threads: int, what: str
-) -> tuple[dict, str]:
-    """Run a program (pg_dump, pg_basebackup) and stream its stdout into an encrypted
-    file; return the file's manifest entry and the program's stderr."""
-    run = pg.ToolRun(argv, stdout=subprocess.PIPE)
+    """Stream `source` into a private encrypted file at path; its manifest entry."""
+    target = EncryptedFile(path, key, level, threads)
     try:
-        # A bigger pipe means fewer wake-ups between the program and us.
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(run.process.stdout.fileno(), _F_SETPIPE_SZ, READ_BYTES)
-        entry = encrypt_file(path, run.process.stdout, key, level, threads)
-        run.process.stdout.close()
-        return entry, run.finish(what)
+        for block in read_ahead(lambda: source.read(READ_BYTES)):
+            target.write(block)
+        return target.commit()
     except BaseException:
+        target.discard()
+        raise
+
+
+def stream_program_to_files(
+    argv: list[str], paths: list[str], key: Key, level: int, threads: int, what: str, splitter=None
+) -> tuple[list[dict], str]:
+    """Run a program (pg_dump, pg_basebackup) and stream its stdout into encrypted files:
+    one file, or as many as `paths` with `splitter(files)` dealing the output out to
+    them. Returns the files' manifest entries and the program's stderr."""
+    run = pg.ToolRun(argv, stdout=subprocess.PIPE)
+    files: list[EncryptedFile] = []
+    try:
+        files.extend(EncryptedFile(path, key, level, threads) for path in paths)
+        sink = splitter(files) if splitter else files[0]
+        for block in read_ahead(lambda: run.process.stdout.read(READ_BYTES)):
+            sink.write(block)
+        if splitter:
+            sink.close()
+        entries = [target.commit() for target in files]
+        run.process.stdout.close()
+        return entries, run.finish(what)
+    except BaseException as error:
+        # Output that stops short is most often the program failing: say why it did.
+        failure = run.failure(what) if isinstance(error, PgBackupError) else None
         run.kill()
-        if os.path.exists(f"{path}.tmp"):
-            os.unlink(f"{path}.tmp")
+        for target in files:
+            target.discard()
+        if failure:
+            raise failure from None
         raise
 
 

@@ -255,7 +255,8 @@ def test_weekly_physical_backup_runs_verifies_and_goes_offsite(host, offsite, fi
     verify = host.run("runuser -u postgres -- pgbackup verify %s --key-file %s", physical[0]["path"], KEY)
     assert verify.rc == 0, verify.stderr
     name = physical[0]["name"]
-    assert offsite.file(f"/srv/offsite/pg-backup-1/{name}/base.tar.enc").exists
+    for part in ("base.1.tar.enc", "base.2.tar.enc"):
+        assert offsite.file(f"/srv/offsite/pg-backup-1/{name}/{part}").exists
     assert re.search(
         r"^pgbackup_physical_last_run_status 0$",
         host.file("/var/lib/pgbackup/metrics/pgbackup_physical.prom").content_string,
@@ -277,3 +278,87 @@ def test_external_drive_is_skipped_unmounted_and_filled_when_mounted(host, first
         )
     finally:
         host.run("umount /mnt/external")
+
+
+STANDBY = "/var/lib/postgresql/standby-test"
+STANDBY_ENV = "/etc/pgbackup/standby-test.env"
+
+
+@pytest.fixture(scope="module")
+def standby(host, first_run):
+    """A real hot standby of this node's cluster, streaming from it on port 5433, and a
+    settings file that points the scheduled run at it (own sets, metrics; no off-site)."""
+    host.run("rm -rf %s /tmp/standby-sets /tmp/standby-metrics", STANDBY)
+    cloned = host.run(
+        "runuser -u postgres -- bash -c 'set -a; . /etc/pgbackup/pgbackup.env;"
+        " pg_basebackup --pgdata=%s --write-recovery-conf --wal-method=stream --checkpoint=fast'",
+        STANDBY,
+    )
+    assert cloned.rc == 0, cloned.stderr
+    # Configured like the primary (its conf.d: TLS, wal settings), on its own port.
+    host.run(
+        "printf '%%s\\n' \"include_dir = '/etc/postgresql/15/main/conf.d'\" 'port = 5433'"
+        " \"hba_file = '/etc/postgresql/15/main/pg_hba.conf'\" 'archive_mode = off'"
+        " \"unix_socket_directories = '/var/run/postgresql'\" > %s/postgresql.conf",
+        STANDBY,
+    )
+    started = host.run(
+        "runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D %s -l %s/log -w start", STANDBY, STANDBY
+    )
+    assert started.rc == 0, started.stdout + host.run("cat %s/log", STANDBY).stdout
+    host.run("install -d -o postgres -m 0700 /tmp/standby-sets /tmp/standby-metrics")
+    host.run(
+        "sed -e 's/^PGPORT=.*/PGPORT=5433/' -e 's|^BACKUP_DIR=.*|BACKUP_DIR=/tmp/standby-sets|'"
+        " -e 's|^METRICS_DIR=.*|METRICS_DIR=/tmp/standby-metrics|' -e 's/^OFFSITE_TARGET=.*/OFFSITE_TARGET=/'"
+        " -e 's/^EXTERNAL_DRIVE=.*/EXTERNAL_DRIVE=/' /etc/pgbackup/pgbackup.env > %s",
+        STANDBY_ENV,
+    )
+    yield
+    host.run("runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D %s -m fast stop", STANDBY)
+    host.run("rm -rf %s %s /tmp/standby-sets /tmp/standby-metrics", STANDBY, STANDBY_ENV)
+
+
+def run_with(host, env_file, run_on):
+    """The scheduled run, as cron runs it, with the settings file and backup_run_on given."""
+    host.run("sed -i 's/^RUN_ON=.*/RUN_ON=%s/' %s", run_on, env_file)
+    return host.run(f"{AS_CRON} PGBACKUP_ENV_FILE={env_file} /usr/local/sbin/pgbackup-run")
+
+
+def standby_status(host):
+    metrics = host.file("/tmp/standby-metrics/pgbackup.prom").content_string
+    return float(re.search(r"^pgbackup_last_run_status (\S+)$", metrics, re.MULTILINE).group(1))
+
+
+def test_standby_leaves_the_backup_to_the_primary(host, standby):
+    assert psql(host, "SELECT count(*) FROM pg_stat_replication") == "1"
+    result = run_with(host, STANDBY_ENV, "primary")
+    assert result.rc == 0, host.file(LOG).content_string
+    assert "this node is a standby; the primary runs the backup" in host.file(LOG).content_string
+    assert standby_status(host) == 2
+    assert host.run("ls -A /tmp/standby-sets").stdout.strip() == ""
+
+
+def test_a_chosen_replica_runs_the_backup_and_the_primary_does_not(host, standby):
+    result = run_with(host, STANDBY_ENV, "replica")
+    assert result.rc == 0, host.file(LOG).content_string
+    assert standby_status(host) == 0
+    listed = json.loads(
+        host.run("runuser -u postgres -- pgbackup list --dest /tmp/standby-sets --json").stdout
+    )
+    assert [entry["status"] for entry in listed] == ["complete"]
+    verify = host.run("runuser -u postgres -- pgbackup verify %s --key-file %s", listed[0]["path"], KEY)
+    assert verify.rc == 0, verify.stderr
+    manifest = json.loads(host.file(f"{listed[0]['path']}/manifest.json").content_string)
+    assert manifest["server"]["in_recovery"] is True
+    assert "streaming" in [database["name"] for database in manifest["databases"]]
+    # The same setting on the primary: not its turn.
+    sets_before = len(complete_sets(host))
+    host.run("cp /etc/pgbackup/pgbackup.env /etc/pgbackup/primary-test.env")
+    try:
+        result = run_with(host, "/etc/pgbackup/primary-test.env", "replica")
+    finally:
+        host.run("rm -f /etc/pgbackup/primary-test.env")
+    assert result.rc == 0
+    assert "this node is the primary; a replica runs the backup" in host.file(LOG).content_string
+    assert metric(host, "pgbackup_last_run_status") == 2
+    assert len(complete_sets(host)) == sets_before
