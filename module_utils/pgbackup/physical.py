@@ -232,6 +232,7 @@ def restore_base(set_path: str, key: Key, target_dir: str, verify_checksums: boo
 def _unpack(set_path: str, parts: list[dict], key: Key, target_dir: str):
     """Each part through its own tar, side by side; the first failure stops them all."""
     tars: list[pg.ToolRun] = []
+    pool = concurrent.futures.ThreadPoolExecutor(len(parts), thread_name_prefix="pgbackup-unpack")
     try:
         for _ in parts:
             # 1 MiB records read whole: tar's default 10 KiB reads cost more CPU than the writes.
@@ -248,22 +249,19 @@ def _unpack(set_path: str, parts: list[dict], key: Key, target_dir: str):
                     stdin=subprocess.PIPE,
                 )
             )
-        with concurrent.futures.ThreadPoolExecutor(len(parts), thread_name_prefix="pgbackup-unpack") as pool:
-            feeds = [
-                pool.submit(_feed, set_path, part, key, tar) for part, tar in zip(parts, tars, strict=True)
-            ]
-            concurrent.futures.wait(feeds, return_when=concurrent.futures.FIRST_EXCEPTION)
-            failed = next((feed for feed in feeds if feed.done() and feed.exception()), None)
-            if failed is not None:
-                for tar in tars:
-                    tar.kill()  # the other feeds stop at their next write
-                raise failed.exception()
+        feeds = [pool.submit(_feed, set_path, part, key, tar) for part, tar in zip(parts, tars, strict=True)]
+        concurrent.futures.wait(feeds, return_when=concurrent.futures.FIRST_EXCEPTION)
+        failed = next((feed for feed in feeds if feed.done() and feed.exception()), None)
+        if failed is not None:
+            raise failed.exception()
         for part, tar in zip(parts, tars, strict=True):
             tar.finish(f"unpacking {part['path']}")
     except BaseException:
         for tar in tars:
-            tar.kill()
+            tar.kill()  # the other feeds stop at their next write
         raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _feed(set_path: str, part: dict, key: Key, tar: pg.ToolRun):

@@ -282,6 +282,7 @@ def test_external_drive_is_skipped_unmounted_and_filled_when_mounted(host, first
 
 STANDBY = "/var/lib/postgresql/standby-test"
 STANDBY_ENV = "/etc/pgbackup/standby-test.env"
+STANDBY_PASSFILE = "/etc/pgbackup/standby-test.pgpass"
 
 
 @pytest.fixture(scope="module")
@@ -307,15 +308,24 @@ def standby(host, first_run):
     )
     assert started.rc == 0, started.stdout + host.run("cat %s/log", STANDBY).stdout
     host.run("install -d -o postgres -m 0700 /tmp/standby-sets /tmp/standby-metrics")
+    # libpq matches passfile lines by port too.
+    host.run(
+        "install -o postgres -m 0600 /dev/null %s && sed -E '/^#/!s/^([^:]*):5432:/\\1:5433:/'"
+        " /etc/pgbackup/pgpass > %s",
+        STANDBY_PASSFILE,
+        STANDBY_PASSFILE,
+    )
     host.run(
         "sed -e 's/^PGPORT=.*/PGPORT=5433/' -e 's|^BACKUP_DIR=.*|BACKUP_DIR=/tmp/standby-sets|'"
         " -e 's|^METRICS_DIR=.*|METRICS_DIR=/tmp/standby-metrics|' -e 's/^OFFSITE_TARGET=.*/OFFSITE_TARGET=/'"
-        " -e 's/^EXTERNAL_DRIVE=.*/EXTERNAL_DRIVE=/' /etc/pgbackup/pgbackup.env > %s",
+        " -e 's/^EXTERNAL_DRIVE=.*/EXTERNAL_DRIVE=/' -e 's|^PGPASSFILE=.*|PGPASSFILE=%s|'"
+        " /etc/pgbackup/pgbackup.env > %s",
+        STANDBY_PASSFILE,
         STANDBY_ENV,
     )
     yield
     host.run("runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D %s -m fast stop", STANDBY)
-    host.run("rm -rf %s %s /tmp/standby-sets /tmp/standby-metrics", STANDBY, STANDBY_ENV)
+    host.run("rm -rf %s %s %s /tmp/standby-sets /tmp/standby-metrics", STANDBY, STANDBY_ENV, STANDBY_PASSFILE)
 
 
 def run_with(host, env_file, run_on):
@@ -353,7 +363,7 @@ def test_a_chosen_replica_runs_the_backup_and_the_primary_does_not(host, standby
     assert "streaming" in [database["name"] for database in manifest["databases"]]
     # The same setting on the primary: not its turn.
     sets_before = len(complete_sets(host))
-    host.run("cp /etc/pgbackup/pgbackup.env /etc/pgbackup/primary-test.env")
+    host.run("cp -p /etc/pgbackup/pgbackup.env /etc/pgbackup/primary-test.env")
     try:
         result = run_with(host, "/etc/pgbackup/primary-test.env", "replica")
     finally:
