@@ -19,16 +19,13 @@ unencrypted `pg_dump -Fc` file. Peak RSS is that of the largest single process.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 
-import common
-from common import DB, describe_machine, machine, measure, pgbackup, save_results, size_of
+from common import DB, describe_machine, measure, parse_arguments, pgbackup, run_record, save_results, size_of
 from dataset import drop, row_counts, start_bench_cluster
 from pgbackup import crypto
 from pgcluster import PG_BIN
@@ -135,16 +132,14 @@ def run(args) -> dict:
         "pgbackup restore / pg_restore -j 2": results["pgbackup_restore"]["wall_s"]
         / results["pg_restore"]["wall_s"],
     }
-    return {
-        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "scale": args.scale,
-        "dump_bytes_uncompressed": plain_bytes,
-        "source_rows": source_counts,
-        "restore_rows_match": restored_ok,
-        "results": results,
-        "ratios": ratios,
-    }
+    return run_record(
+        args,
+        dump_bytes_uncompressed=plain_bytes,
+        source_rows=source_counts,
+        restore_rows_match=restored_ok,
+        results=results,
+        ratios=ratios,
+    )
 
 
 def report(data: dict):
@@ -168,15 +163,7 @@ def report(data: dict):
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--scale", type=float, default=1.0, help="1.0 is about 1.5 GB of dump data")
-    parser.add_argument("--workdir", default="/var/tmp/pgbackup-bench", help="cluster and scratch space")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each case; the median is reported")
-    args = parser.parse_args()
-    common.REPEAT = args.repeat
-    data = run(args)
+    data = run(parse_arguments(__doc__))
     report(data)
     save_results("backup", data)
     return 0 if data["restore_rows_match"] else 1

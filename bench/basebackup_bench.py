@@ -14,8 +14,6 @@ default its structural check (-s: files, sizes, WAL), and once more with
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import shutil
@@ -23,8 +21,16 @@ import subprocess
 import sys
 import tempfile
 
-import common
-from common import describe_machine, log, machine, measure, pgbackup, save_results, size_of
+from common import (
+    describe_machine,
+    log,
+    measure,
+    parse_arguments,
+    pgbackup,
+    run_record,
+    save_results,
+    size_of,
+)
 from dataset import start_bench_cluster
 from pgbackup import crypto
 from pgcluster import PG_BIN
@@ -158,14 +164,7 @@ def run(args) -> dict:
         / results["pgbackrest_restore"]["wall_s"],
         "pgbackup backup / C pipeline": results["pgbackup"]["wall_s"] / results["c_pipeline"]["wall_s"],
     }
-    return {
-        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "scale": args.scale,
-        "data_directory_bytes": data_bytes,
-        "results": results,
-        "ratios": ratios,
-    }
+    return run_record(args, data_directory_bytes=data_bytes, results=results, ratios=ratios)
 
 
 def report(data: dict):
@@ -182,15 +181,7 @@ def report(data: dict):
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--workdir", default="/var/tmp/pgbackup-bench")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each case; the median is reported")
-    args = parser.parse_args()
-    common.REPEAT = args.repeat
-    data = run(args)
+    data = run(parse_arguments(__doc__))
     report(data)
     save_results("basebackup", data)
     return 0

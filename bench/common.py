@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -85,6 +86,30 @@ def machine() -> dict:
         "memory_gb": round(memory_kb / 1024 / 1024, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
+    }
+
+
+def parse_arguments(description: str) -> argparse.Namespace:
+    """The options every benchmark takes; sets REPEAT from --repeat."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scale", type=float, default=1.0, help="1.0 is about 1.5 GB of dump data")
+    parser.add_argument("--workdir", default="/var/tmp/pgbackup-bench", help="cluster and scratch space")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each case; the median is reported")
+    args = parser.parse_args()
+    global REPEAT  # noqa: PLW0603 - one setting for the whole run, read by measure()
+    REPEAT = args.repeat
+    return args
+
+
+def run_record(args: argparse.Namespace, **figures) -> dict:
+    """What a run saves: when, on which machine, at which scale, and its figures."""
+    return {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "scale": args.scale,
+        **figures,
     }
 
 

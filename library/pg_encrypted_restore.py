@@ -158,23 +158,17 @@ def main():
     apply_connection_params(params)
     try:
         key = key_from_params(params)
+        # What is restored where: the plan (check mode) and the restore decide it alike.
+        selection = {name: params[name] for name in ("databases", "target_db", "force")}
         if module.check_mode:
-            plan = restore.plan_restore(
-                params["set_path"],
-                key,
-                databases=params["databases"],
-                target_db=params["target_db"],
-                force=params["force"],
-            )
+            plan = restore.plan_restore(params["set_path"], key, **selection)
             module.exit_json(changed=True, **plan)
         report = restore.restore_set(
             params["set_path"],
             key,
-            databases=params["databases"],
-            target_db=params["target_db"],
+            **selection,
             jobs=params["jobs"],
             include_globals=params["globals"],
-            force=params["force"],
             staging_dir=params["staging_dir"],
         )
     except PgBackupError as error:

@@ -101,14 +101,17 @@ def other_key_file(tmp_path):
     return path
 
 
-def run_cli(*args, check=False, env=None, timeout=300):
-    """Run `python -m pgbackup` as cron would, from the repository's module_utils."""
+def run_cli(*args, check=False, env=None, timeout=300, stdin=None, stdout=subprocess.PIPE):
+    """Run `python -m pgbackup` as cron would, from the repository's module_utils.
+    stdin and stdout may be open files (encrypt, decrypt); stdout is captured otherwise."""
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.path.join(ROOT, "module_utils")
     full_env.update(env or {})
     result = subprocess.run(  # noqa: PLW1510 - callers check the exit code
         [sys.executable, "-m", "pgbackup", *args],
-        capture_output=True,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
         text=True,
         env=full_env,
         timeout=timeout,

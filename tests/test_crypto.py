@@ -226,26 +226,10 @@ def test_cli_encrypt_decrypt_round_trip(key_file, tmp_path):
     plain.write_bytes(os.urandom(100_000) + b"abc" * 50_000)
     enc = tmp_path / "enc"
     dec = tmp_path / "dec"
-    import subprocess
-    import sys
-
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "module_utils"))
     with plain.open("rb") as src, enc.open("wb") as dst:
-        subprocess.run(
-            [sys.executable, "-m", "pgbackup", "encrypt", "--key-file", key_file],
-            stdin=src,
-            stdout=dst,
-            env=env,
-            check=True,
-        )
+        run_cli("encrypt", "--key-file", key_file, stdin=src, stdout=dst, check=True)
     with enc.open("rb") as src, dec.open("wb") as dst:
-        subprocess.run(
-            [sys.executable, "-m", "pgbackup", "decrypt", "--key-file", key_file],
-            stdin=src,
-            stdout=dst,
-            env=env,
-            check=True,
-        )
+        run_cli("decrypt", "--key-file", key_file, stdin=src, stdout=dst, check=True)
     assert dec.read_bytes() == plain.read_bytes()
 
 

@@ -100,7 +100,7 @@ class TarSplitter:
         self._header = bytearray()
         self._held = bytearray()  # extension headers and their data, until their member
         self._holding = 0  # bytes of extension data still to hold
-        self._current = None
+        self._current = 0  # index of the writer receiving the current member's data
         self._remaining = 0  # bytes of the current member's data still to pass on
         self._ended = False
         self.members = 0
@@ -110,8 +110,8 @@ class TarSplitter:
         while view:
             if self._remaining:
                 size = min(self._remaining, len(view))
-                self._current.write(view[:size])
-                self._sizes[self._writers.index(self._current)] += size
+                self._writers[self._current].write(view[:size])
+                self._sizes[self._current] += size
                 self._remaining -= size
                 view = view[size:]
             elif self._holding:
@@ -154,8 +154,8 @@ class TarSplitter:
             for writer in self._writers:
                 writer.write(member)
             return
-        self._current = self._writers[self._sizes.index(min(self._sizes))]
-        self._current.write(member)
+        self._current = self._sizes.index(min(self._sizes))
+        self._writers[self._current].write(member)
         self._remaining = padded
 
     def close(self):

@@ -33,8 +33,10 @@ def psql(host, query, db="postgres"):
     return result.stdout.strip()
 
 
-def scheduled_run(host):
-    return host.run(f"{AS_CRON} /usr/local/sbin/pgbackup-run")
+def scheduled_run(host, kind="", env_file=None):
+    """The wrapper as cron runs it; env_file stands in for /etc/pgbackup/pgbackup.env."""
+    settings = f"PGBACKUP_ENV_FILE={env_file} " if env_file else ""
+    return host.run(f"{AS_CRON} {settings}/usr/local/sbin/pgbackup-run {kind}")
 
 
 def complete_sets(host):
@@ -43,9 +45,9 @@ def complete_sets(host):
     return [entry for entry in json.loads(listed.stdout) if entry["status"] == "complete"]
 
 
-def metric(host, name):
-    match = re.search(rf"^{name} (\S+)$", host.file(METRICS).content_string, re.MULTILINE)
-    assert match, f"{name} missing from {METRICS}"
+def metric(host, name, path=METRICS):
+    match = re.search(rf"^{name} (\S+)$", host.file(path).content_string, re.MULTILINE)
+    assert match, f"{name} missing from {path}"
     return float(match.group(1))
 
 
@@ -247,7 +249,7 @@ def test_database_down_fails_loudly_instead_of_skipping(host, first_run):
 def test_weekly_physical_backup_runs_verifies_and_goes_offsite(host, offsite, first_run):
     crontab = host.run("crontab -l -u postgres").stdout
     assert re.search(r"^0 4 \* \* 0 /usr/local/sbin/pgbackup-run physical$", crontab, re.MULTILINE), crontab
-    result = host.run(f"{AS_CRON} /usr/local/sbin/pgbackup-run physical")
+    result = scheduled_run(host, "physical")
     assert result.rc == 0, host.file(LOG).content_string
     listed = json.loads(host.run("runuser -u postgres -- pgbackup list --dest %s --json", BACKUP_DIR).stdout)
     physical = [entry for entry in listed if entry.get("kind") == "physical"]
@@ -257,11 +259,8 @@ def test_weekly_physical_backup_runs_verifies_and_goes_offsite(host, offsite, fi
     name = physical[0]["name"]
     for part in ("base.1.tar.enc", "base.2.tar.enc"):
         assert offsite.file(f"/srv/offsite/pg-backup-1/{name}/{part}").exists
-    assert re.search(
-        r"^pgbackup_physical_last_run_status 0$",
-        host.file("/var/lib/pgbackup/metrics/pgbackup_physical.prom").content_string,
-        re.MULTILINE,
-    )
+    physical_metrics = "/var/lib/pgbackup/metrics/pgbackup_physical.prom"
+    assert metric(host, "pgbackup_physical_last_run_status", physical_metrics) == 0
 
 
 def test_external_drive_is_skipped_unmounted_and_filled_when_mounted(host, first_run):
@@ -329,14 +328,13 @@ def standby(host, first_run):
 
 
 def run_with(host, env_file, run_on):
-    """The scheduled run, as cron runs it, with the settings file and backup_run_on given."""
+    """The scheduled run with the settings file and backup_run_on given."""
     host.run("sed -i 's/^RUN_ON=.*/RUN_ON=%s/' %s", run_on, env_file)
-    return host.run(f"{AS_CRON} PGBACKUP_ENV_FILE={env_file} /usr/local/sbin/pgbackup-run")
+    return scheduled_run(host, env_file=env_file)
 
 
 def standby_status(host):
-    metrics = host.file("/tmp/standby-metrics/pgbackup.prom").content_string
-    return float(re.search(r"^pgbackup_last_run_status (\S+)$", metrics, re.MULTILINE).group(1))
+    return metric(host, "pgbackup_last_run_status", "/tmp/standby-metrics/pgbackup.prom")
 
 
 def test_standby_leaves_the_backup_to_the_primary(host, standby):
