@@ -174,3 +174,17 @@ def fingerprint(dbname: str) -> dict:
             ),
             "large_objects": one("SELECT md5(lo_get(oid)) FROM pg_largeobject_metadata ORDER BY 1"),
         }
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB filesystem, for full-disk tests (needs root to mount)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    mounted = subprocess.run(  # noqa: PLW1510 - the result is checked below
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.fail(f"this test needs root to mount a small tmpfs: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)

@@ -314,19 +314,6 @@ def test_killed_backup_leaves_no_complete_set(new_db, key_file, tmp_path):
     assert [entry["status"] for entry in json.loads(listed.stdout)] == ["incomplete"]
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    mounted = subprocess.run(  # noqa: PLW1510 - the result is checked below
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.fail(f"this test needs root to mount a small tmpfs: {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=False)
-
-
 def test_full_disk_fails_clearly_and_keeps_earlier_sets(rich_db, key, tiny_disk):
     small = backup.create_backup_set(str(tiny_disk), key, databases=[])
     with pytest.raises(PgBackupError, match="no space left on device"):

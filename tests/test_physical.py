@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from conftest import query, run_cli
 from pgbackup import crypto, manifest, physical, retention, sets
-from pgbackup.errors import CorruptError, PgBackupError, RefusedError
+from pgbackup.errors import CorruptError, PgBackupError, RefusedError, WrongKeyError
 from pgcluster import PG_BIN, as_cluster_owner, free_port
 
 
@@ -105,6 +105,33 @@ def test_corrupt_base_backup_leaves_no_half_restored_folder(base_set, key, tmp_p
     target = restore_target(tmp_path)
     with pytest.raises(CorruptError, match="failed authentication"):
         physical.restore_base(str(damaged), key, str(target))
+    assert not target.exists()
+
+
+def test_wrong_key_is_refused_before_anything_is_unpacked(base_set, tmp_path):
+    other = crypto.generate_key_file(str(tmp_path / "other.key"))
+    target = restore_target(tmp_path)
+    with pytest.raises(WrongKeyError, match="but the key file given has key id"):
+        physical.restore_base(base_set["path"], other, str(target))
+    assert not target.exists()
+
+
+def test_truncated_part_leaves_no_half_restored_folder(base_set, key, tmp_path):
+    damaged = tmp_path / "truncated-set"
+    shutil.copytree(base_set["path"], damaged)
+    part = damaged / base_set["base"][0]["path"]
+    os.truncate(part, os.path.getsize(part) // 2)
+    target = restore_target(tmp_path)
+    with pytest.raises(CorruptError, match="truncated"):
+        physical.restore_base(str(damaged), key, str(target))
+    assert not target.exists()
+    assert os.path.getsize(damaged / base_set["base"][1]["path"]) == base_set["base"][1]["size"]
+
+
+def test_full_disk_is_refused_before_unpacking(base_set, key, tiny_disk):
+    target = tiny_disk / "restored"
+    with pytest.raises(PgBackupError, match="not enough free space"):
+        physical.restore_base(base_set["path"], key, str(target))
     assert not target.exists()
 
 
