@@ -10,7 +10,7 @@ from ansible.errors import AnsibleFilterError
 # The core lives in module_utils/ beside this folder; one copy of the logic.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "module_utils"))
 
-from pgbackup import retention
+from pgbackup import crypto, retention
 
 
 def pgbackup_latest_set(sets):
@@ -23,6 +23,16 @@ def pgbackup_latest_set(sets):
     return latest
 
 
+def pgbackup_key_problem(key_hex) -> str:
+    """Why a key from the vault cannot be used ("" when it can), by the very check the
+    hosts apply: 64 hex characters, and random (not the example's all-zero key)."""
+    try:
+        crypto.parse_key(str(key_hex).encode(), "backup_key")
+    except crypto.KeyFileError as error:
+        return str(error)
+    return ""
+
+
 class FilterModule:
     def filters(self):
-        return {"pgbackup_latest_set": pgbackup_latest_set}
+        return {"pgbackup_latest_set": pgbackup_latest_set, "pgbackup_key_problem": pgbackup_key_problem}

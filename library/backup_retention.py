@@ -117,6 +117,7 @@ def main():
             keep_days=params["keep_days"],
             min_keep=params["min_keep"],
             dry_run=module.check_mode,
+            kind=params["kind"],
         )
         sets = retention.scan(params["dest"])
     except PgBackupError as error:

@@ -62,9 +62,12 @@ options:
     description: libpq password file (C(PGPASSFILE)).
     type: path
   ssl_mode:
-    description: libpq C(sslmode).
+    description:
+      - libpq C(sslmode). V(verify-full) by default, not libpq's V(prefer) (ignored over a Unix socket).
+      - With V(verify-full), O(ssl_rootcert) names the CA (or CA bundle) that issued the server certificate.
     type: str
     choices: [disable, allow, prefer, require, verify-ca, verify-full]
+    default: verify-full
   ssl_rootcert:
     description: CA certificate to verify the server with (C(PGSSLROOTCERT)).
     type: path

@@ -6,6 +6,8 @@ reaches a server: libpq environment plus a passfile, never a password on argv.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import pwd
 import shutil
@@ -23,6 +25,52 @@ def as_cluster_owner(argv, **kwargs):
     if os.geteuid() == 0:
         argv = ["runuser", "-u", "postgres", "--", *argv]
     return subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
+
+
+def write_ca_and_server_certificate(folder: str) -> dict:
+    """A throwaway CA and a server certificate it issued for localhost and 127.0.0.1, so
+    clients connect as on a real host: sslmode=verify-full against the CA, not against
+    a self-signed server certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(subject, issuer, public_key, signing_key, ca: bool, names=()):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("pgbackup test CA", "pgbackup test CA", ca_key.public_key(), ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    server = certificate(
+        "localhost", "pgbackup test CA", server_key.public_key(), ca_key, ca=False, names=names
+    )
+    paths = {name: os.path.join(folder, name) for name in ("ca.crt", "server.crt", "server.key")}
+    pem = serialization.Encoding.PEM
+    with open(paths["ca.crt"], "wb") as handle:
+        handle.write(ca.public_bytes(pem))
+    with open(paths["server.crt"], "wb") as handle:
+        handle.write(server.public_bytes(pem))
+    with open(os.open(paths["server.key"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
+        handle.write(
+            server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+    return paths
 
 
 def free_port() -> int:
@@ -85,7 +133,15 @@ class TempCluster:
         else:
             with open(password_path) as handle:
                 self.password = handle.read()
-        options = " ".join(f"-c {name}={value}" for name, value in self.settings.items())
+        tls = write_ca_and_server_certificate(self.base)
+        self._chown(tls["server.key"])
+        settings = {
+            **self.settings,
+            "ssl": "on",
+            "ssl_cert_file": tls["server.crt"],
+            "ssl_key_file": tls["server.key"],
+        }
+        options = " ".join(f"-c {name}={value}" for name, value in settings.items())
         as_cluster_owner(
             [
                 f"{PG_BIN}/pg_ctl",
@@ -107,6 +163,8 @@ class TempCluster:
             "PGPORT": str(self.port),
             "PGUSER": "postgres",
             "PGPASSFILE": self.passfile,
+            "PGSSLMODE": "verify-full",
+            "PGSSLROOTCERT": tls["ca.crt"],
             "PGBACKUP_PG_BIN": PG_BIN,
         }
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import stat
 import struct
 
@@ -198,13 +199,36 @@ def test_keygen_writes_a_private_key_and_never_overwrites(tmp_path):
         (b"00" * 16, "malformed"),
         (b"zz" * 32, "not hexadecimal"),
         (b"00" * 33, "malformed"),
+        (b"00" * 32, "not a random key"),  # vault.yml.example's value
+        (b"ff" * 32 + b"\n", "not a random key"),
+        (b"0123456789abcdef" * 4, "not a random key"),
     ],
 )
 def test_bad_key_files_stop_the_run(tmp_path, content, message):
     path = tmp_path / "bad.key"
     path.write_bytes(content)
+    path.chmod(0o600)
     with pytest.raises(KeyFileError, match=message):
         crypto.load_key(str(path))
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_key_file_open_to_other_users_is_refused(key_file, tmp_path, mode):
+    path = tmp_path / "loose.key"
+    path.write_bytes(open(key_file, "rb").read())
+    path.chmod(mode)
+    with pytest.raises(KeyFileError, match=f"has mode {mode:04o}: other users may read it"):
+        crypto.load_key(str(path))
+    path.chmod(0o600)
+    assert crypto.load_key(str(path)).key_id == crypto.load_key(key_file).key_id
+
+
+def test_example_key_of_the_inventory_is_refused():
+    example = os.path.join(ROOT, "inventories", "production", "group_vars", "postgresql", "vault.yml.example")
+    with open(example) as handle:
+        value = re.search(r'^vault_backup_key: "(.*)"$', handle.read(), re.MULTILINE).group(1)
+    with pytest.raises(KeyFileError):
+        crypto.parse_key(value.encode(), "the example key")
 
 
 def test_missing_key_file_says_how_to_make_one(tmp_path):

@@ -140,3 +140,18 @@ def test_retention_module_reports_honestly(key, tmp_path, cluster):
     assert again["changed"] is False and again["removed"] == []
     assert [entry["name"] for entry in again["sets"]] == [young]
     assert retention.latest_complete(again["sets"])["name"] == young
+
+
+def test_role_key_check_refuses_what_the_hosts_refuse(key):
+    """The backup role checks backup_key with the very function the hosts use."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "pgbackup_filters", os.path.join(ROOT, "filter_plugins", "pgbackup.py")
+    )
+    filters = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(filters)
+    problem = filters.FilterModule().filters()["pgbackup_key_problem"]
+    assert "not a random key" in problem("0" * 64)
+    assert "malformed" in problem("change me")
+    assert problem(key.material.hex()) == ""

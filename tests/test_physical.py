@@ -72,7 +72,8 @@ def test_restored_copy_verifies_and_starts_with_the_data(base_set, key, reachabl
             str(reachable / "log"),
             "start",
             "-o",
-            f"-p {port} -k /tmp -c listen_addresses=127.0.0.1 -c archive_mode=off",
+            f"-p {port} -k /tmp -c listen_addresses=127.0.0.1 -c archive_mode=off -c ssl=on"
+            f" -c ssl_cert_file={cluster['base']}/server.crt -c ssl_key_file={cluster['base']}/server.key",
         ]
     )
     try:
@@ -94,7 +95,7 @@ def test_non_empty_target_is_refused_and_left_alone(base_set, key, tmp_path):
 
 
 def test_corrupt_base_backup_leaves_no_half_restored_folder(base_set, key, tmp_path):
-    damaged = tmp_path / "damaged-set"
+    damaged = tmp_path / "damaged" / base_set["name"]
     shutil.copytree(base_set["path"], damaged)
     path = damaged / base_set["base"][1]["path"]
     with open(path, "r+b") as handle:
@@ -117,7 +118,7 @@ def test_wrong_key_is_refused_before_anything_is_unpacked(base_set, tmp_path):
 
 
 def test_truncated_part_leaves_no_half_restored_folder(base_set, key, tmp_path):
-    damaged = tmp_path / "truncated-set"
+    damaged = tmp_path / "truncated" / base_set["name"]
     shutil.copytree(base_set["path"], damaged)
     part = damaged / base_set["base"][0]["path"]
     os.truncate(part, os.path.getsize(part) // 2)
@@ -139,7 +140,7 @@ def resealed_copy(base_set, key, folder, edit) -> str:
     """A copy of the set whose tars went through edit(member, data) -> (member, data) or
     None, then were encrypted and sealed again with the key: a base backup that is
     authentic to the stream but not what PostgreSQL's backup_manifest describes."""
-    copy = folder / "resealed-set"
+    copy = folder / "resealed" / base_set["name"]
     shutil.copytree(base_set["path"], copy)
     record = manifest.load(str(copy))
     for part in record["base"]:

@@ -15,17 +15,23 @@ from pgbackup.fsutil import hold
 NOW = manifest.utc_now()
 
 
-def make_set(dest, key, days_old: float, name: str | None = None) -> str:
-    """A real (globals-only) set whose manifest says it was taken days_old ago."""
+def make_set(dest, key, days_old: float, name: str | None = None, kind: str = "logical") -> str:
+    """A real (globals-only) set whose sealed manifest says it is of `kind` and was taken
+    days_old ago, under the matching folder name."""
     path = backup.create_backup_set(str(dest), key, databases=[])["path"]
-    record = manifest.load(path)
+    with open(os.path.join(path, "manifest.json")) as handle:
+        record = json.load(handle)
     started = NOW - datetime.timedelta(days=days_old)
-    record["started_at"] = manifest.iso(started)
-    record["finished_at"] = manifest.iso(started + datetime.timedelta(minutes=1))
+    final = os.path.join(str(dest), name or manifest.set_name(kind, started))
+    record.update(
+        kind=kind,
+        name=os.path.basename(final),
+        started_at=manifest.iso(started),
+        finished_at=manifest.iso(started + datetime.timedelta(minutes=1)),
+    )
     record.pop("mac")
     with open(os.path.join(path, "manifest.json"), "w") as handle:
         json.dump(manifest.seal(record, key), handle)
-    final = os.path.join(str(dest), name or manifest.set_name("logical", started))
     os.rename(path, final)
     return os.path.basename(final)
 
@@ -140,3 +146,80 @@ def test_prune_of_a_missing_directory_fails_clearly(tmp_path):
     result = run_cli("prune", "--dest", str(tmp_path / "nowhere"))
     assert result.returncode == 1
     assert result.stderr == f"pgbackup: error: backup directory {tmp_path / 'nowhere'} does not exist\n"
+
+
+@pytest.fixture
+def mixed(dest, key):
+    """Logical and physical sets of many ages, side by side as on a host."""
+    ages = (1, 6, 13, 20, 27, 29.5, 31, 35, 45, 60, 90)
+    return {
+        kind: {age: make_set(dest, key, age, kind=kind) for age in ages} for kind in ("logical", "physical")
+    }
+
+
+def check_kind_pruned(dest, mixed, kind, keep_days, min_keep, removed, before):
+    """Exactly the sets of `kind` past keep_days went (never leaving fewer than min_keep),
+    and nothing of the other kind."""
+    by_age = sorted(mixed[kind].items())
+    expected = sorted(
+        name for position, (age, name) in enumerate(by_age) if age > keep_days and position >= min_keep
+    )
+    assert sorted(removed) == expected
+    assert set(names(dest)) == set(before) - set(expected), f"pruning {kind} sets touched other sets"
+
+
+def test_cli_prune_applies_each_kind_policy_to_that_kind_only(dest, mixed):
+    """The weekly physical run's policy (28 days, keep 2) must never reach the dumps."""
+    before = names(dest)
+    physical = json.loads(
+        run_cli(
+            "prune",
+            "--dest",
+            str(dest),
+            "--kind",
+            "physical",
+            "--keep-days",
+            "28",
+            "--min-keep",
+            "2",
+            "--json",
+            check=True,
+        ).stdout
+    )
+    check_kind_pruned(dest, mixed, "physical", 28, 2, physical["removed"], before)
+    before = names(dest)
+    logical = json.loads(
+        run_cli(
+            "prune",
+            "--dest",
+            str(dest),
+            "--kind",
+            "logical",
+            "--keep-days",
+            "30",
+            "--min-keep",
+            "7",
+            "--json",
+            check=True,
+        ).stdout
+    )
+    check_kind_pruned(dest, mixed, "logical", 30, 7, logical["removed"], before)
+    assert mixed["logical"][29.5] in names(dest), "a 29.5-day-old dump is inside 30 days"
+
+
+def test_module_prune_applies_each_kind_policy_to_that_kind_only(dest, mixed):
+    from test_modules import ansible
+
+    args = {"dest": str(dest), "kind": "physical", "keep_days": 28, "min_keep": 2}
+    before = names(dest)
+    planned, _ = ansible("backup_retention", args, check=True)
+    assert len(names(dest)) == 22, "check mode deleted something"
+    pruned, _ = ansible("backup_retention", args)
+    assert not pruned.get("failed"), pruned
+    assert sorted(pruned["removed"]) == sorted(planned["removed"])
+    check_kind_pruned(dest, mixed, "physical", 28, 2, pruned["removed"], before)
+    before = names(dest)
+    logical, _ = ansible(
+        "backup_retention", {"dest": str(dest), "kind": "logical", "keep_days": 30, "min_keep": 3}
+    )
+    check_kind_pruned(dest, mixed, "logical", 30, 3, logical["removed"], before)

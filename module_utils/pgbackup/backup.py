@@ -39,7 +39,7 @@ def _dump_directory(
             f"--jobs={jobs}",
             "--compress=0",
             f"--file={staging}",
-            f"--dbname={database}",
+            f"--dbname={pg.dbname_conninfo(database)}",
         ],
         f"pg_dump of database {database!r}",
     )
@@ -94,7 +94,7 @@ def create_backup_set(
             pg.tool("pg_dumpall"),
             "--no-password",
             "--globals-only",
-            f"--database={pg.MAINTENANCE_DB}",
+            f"--database={pg.dbname_conninfo(pg.MAINTENANCE_DB)}",
         ]
         if not server["superuser"]:
             globals_argv.append("--no-role-passwords")
@@ -119,7 +119,7 @@ def create_backup_set(
                         "--no-password",
                         "--format=custom",
                         "--compress=0",
-                        f"--dbname={database['name']}",
+                        f"--dbname={pg.dbname_conninfo(database['name'])}",
                     ],
                     [os.path.join(folder, path)],
                     key,

@@ -13,7 +13,8 @@ import logging
 import os
 import sys
 
-from . import __version__, backup, crypto, physical, restore, retention
+from . import __version__, backup, crypto, physical, restore, retention, run
+from .connection import DEFAULT_SSLMODE
 from .errors import BusyError, PgBackupError, RefusedError
 
 EXIT_FAILURE = 1
@@ -127,7 +128,7 @@ def cmd_list(args):
 
 def cmd_prune(args):
     report = retention.prune(
-        args.dest, keep_days=args.keep_days, min_keep=args.min_keep, dry_run=args.dry_run
+        args.dest, keep_days=args.keep_days, min_keep=args.min_keep, dry_run=args.dry_run, kind=args.kind
     )
     verb = "would remove" if args.dry_run else "removed"
     human = (
@@ -135,6 +136,10 @@ def cmd_prune(args):
         f"kept {len(report['kept'])}"
     )
     _print(report, args.json, human)
+
+
+def cmd_run(args):
+    return run.main(args.settings, args.kind)
 
 
 def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per option
@@ -235,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     )
     sub.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     sub.add_argument("--json", action="store_true")
+
+    sub = command(
+        "run",
+        cmd_run,
+        "the scheduled run (cron): lock, node check, backup, verify, prune, copies, metrics",
+    )
+    sub.add_argument("kind", nargs="?", choices=run.KINDS, default="logical", help="default logical")
+    sub.add_argument(
+        "--settings",
+        default=os.environ.get("PGBACKUP_SETTINGS", run.DEFAULT_SETTINGS_FILE),
+        help=f"the run's settings (JSON; default $PGBACKUP_SETTINGS or {run.DEFAULT_SETTINGS_FILE})",
+    )
     return parser
 
 
@@ -242,13 +259,19 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # Backups hold every row of every table: nothing pgbackup creates is for others.
     os.umask(0o077)
+    # Verified TLS unless the caller says otherwise (libpq's own default is `prefer`);
+    # libpq ignores it over a Unix socket.
+    os.environ.setdefault("PGSSLMODE", DEFAULT_SSLMODE)
+    # Progress with --verbose; warnings and errors always (cron mails what reaches stderr).
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setLevel(logging.INFO if args.verbose else logging.WARNING)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s pgbackup %(levelname)s %(message)s",
-        stream=sys.stderr,
+        handlers=[to_stderr],
     )
     try:
-        args.handler(args)
+        code = args.handler(args)
     except RefusedError as error:
         print(f"pgbackup: refused: {error}", file=sys.stderr)
         return EXIT_REFUSED
@@ -261,4 +284,4 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("pgbackup: error: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0

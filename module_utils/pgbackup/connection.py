@@ -10,15 +10,19 @@ import os
 
 from .crypto import Key, load_key, parse_key
 
+DEFAULT_SSLMODE = "verify-full"
+
 CONNECTION_ARGUMENT_SPEC = {
     "login_host": {"type": "str"},
     "login_port": {"type": "int"},
     "login_user": {"type": "str"},
     "login_password": {"type": "str", "no_log": True},
     "passfile": {"type": "path"},
+    # verify-full, not libpq's `prefer`: a backup sends a password and receives every row.
     "ssl_mode": {
         "type": "str",
         "choices": ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"],
+        "default": DEFAULT_SSLMODE,
     },
     "ssl_rootcert": {"type": "path"},
 }

@@ -83,10 +83,17 @@ class Key:
 def load_key(path: str) -> Key:
     """Read a key file: 64 hexadecimal characters, optionally followed by a newline.
 
-    Anything else stops the run: there is never a fallback to no encryption.
+    Anything else stops the run: there is never a fallback to no encryption. A key
+    file that other users may read (or write) is refused: it decrypts every backup.
     """
     try:
         with open(path, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if mode & 0o077:
+                raise KeyFileError(
+                    f"key file {path} has mode {mode & 0o777:04o}: other users may read it; "
+                    f"make it private with `chmod 600 {path}`"
+                )
             raw = handle.read(256)
     except FileNotFoundError:
         raise KeyFileError(f"key file {path} does not exist (create one with `pgbackup keygen`)") from None
@@ -107,7 +114,22 @@ def parse_key(raw: bytes, source: str) -> Key:
         material = binascii.unhexlify(text)
     except (binascii.Error, ValueError):
         raise KeyFileError(f"{source} is malformed: it is not hexadecimal") from None
+    if not is_strong_key(material):
+        raise KeyFileError(
+            f"{source} is not a random key (it repeats a few byte values, like the example's "
+            "all-zero key); make one with `pgbackup keygen`"
+        )
     return Key.from_bytes(material)
+
+
+# 32 random bytes take about 30 distinct values; fewer than 16 happens by chance with a
+# probability far below 1e-15, but always with an all-one-byte or patterned key.
+_MIN_DISTINCT_KEY_BYTES = 16
+
+
+def is_strong_key(material: bytes) -> bool:
+    """False for keys a person typed or copied from an example, not drawn at random."""
+    return len(set(material)) >= _MIN_DISTINCT_KEY_BYTES
 
 
 def generate_key_file(path: str) -> Key:

@@ -8,8 +8,10 @@ import fcntl
 import json
 import os
 import shutil
+import stat
+import time
 
-from .errors import BusyError, PgBackupError
+from .errors import BusyError, CorruptError, PgBackupError
 
 LOCK_NAME = ".lock"
 
@@ -62,20 +64,63 @@ def remove_tree(path: str):
     shutil.rmtree(path, ignore_errors=False)
 
 
+def open_no_follow(path: str, flags: int, mode: int = 0o600, dir_fd: int | None = None) -> int:
+    """os.open that never follows a symbolic link in the last component, and refuses
+    anything but a regular file or directory: a set folder is hostile until checked,
+    and a planted `.lock -> /var/lib/postgresql/15/main/standby.signal` must not make
+    us create or open a file there."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as error:
+        # ELOOP for a link; ENOTDIR for a link opened with O_DIRECTORY.
+        if error.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(
+            os.lstat(path, dir_fd=dir_fd).st_mode
+        ):
+            raise CorruptError(f"{path} is a symbolic link; refusing to follow it") from None
+        raise
+    kind = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
+        os.close(fd)
+        raise CorruptError(f"{path} is not a regular file or folder; refusing it")
+    return fd
+
+
+def check_set_folder(path: str):
+    """Refuse a set folder that is a symbolic link or holds anything but regular files
+    and plain sub-folders of regular files (a directory-format dump)."""
+    if os.path.islink(path):
+        raise CorruptError(f"backup set {path} is a symbolic link; refusing it")
+    if not os.path.isdir(path):
+        raise PgBackupError(f"backup set {path} does not exist")
+    for entry in os.scandir(path):
+        inner = os.scandir(entry.path) if entry.is_dir(follow_symlinks=False) else [entry]
+        for item in inner:
+            if not item.is_file(follow_symlinks=False):
+                what = "a symbolic link" if item.is_symlink() else "not a regular file"
+                raise CorruptError(f"backup set {path} holds {item.path}, which is {what}; refusing the set")
+
+
 @contextlib.contextmanager
 def hold(directory: str, exclusive: bool, wait: bool, what: str):
     """flock the directory's lock file: shared for readers, exclusive for writers.
 
     Verify and restore hold a set shared; prune must get it exclusive without
-    waiting, so a set in use is never deleted under a reader.
+    waiting, so a set in use is never deleted under a reader. Neither the folder nor
+    its lock file is followed if it is a symbolic link.
     """
-    path = os.path.join(directory, LOCK_NAME)
+    dir_fd = open_no_follow(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except PermissionError:
-        # A read-only copy of a set (an off-site mount) cannot be deleted by prune
-        # either, so reading it without the lock is safe.
-        fd = os.open(path, os.O_RDONLY) if os.path.exists(path) else None
+        try:
+            fd = open_no_follow(LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600, dir_fd=dir_fd)
+        except PermissionError:
+            # A read-only copy of a set (an off-site mount) cannot be deleted by prune
+            # either, so reading it without the lock is safe.
+            try:
+                fd = open_no_follow(LOCK_NAME, os.O_RDONLY, dir_fd=dir_fd)
+            except FileNotFoundError:
+                fd = None
+    finally:
+        os.close(dir_fd)
     if fd is None:
         yield
         return
@@ -88,3 +133,20 @@ def hold(directory: str, exclusive: bool, wait: bool, what: str):
         yield
     finally:
         os.close(fd)
+
+
+def is_abandoned(path: str, grace_seconds: float, now: float | None = None) -> bool:
+    """Whether a leftover folder (.partial-, .restore-, .deleting-) belongs to no running
+    process: older than grace_seconds and its lock free. Every pgbackup run holds the
+    lock of the folder it works in for as long as it runs; the grace covers the moment
+    between creating a folder and locking it."""
+    now = time.time() if now is None else now
+    try:
+        if now - os.lstat(path).st_mtime < grace_seconds:
+            return False
+        with hold(path, exclusive=True, wait=False, what=path):
+            return True
+    except BusyError:
+        return False
+    except CorruptError:
+        return True  # a planted link in a leftover: removing the folder never follows it

@@ -11,12 +11,15 @@ import re
 
 from .crypto import Key
 from .errors import CorruptError, PgBackupError, WrongKeyError
+from .fsutil import open_no_follow
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "pgbackup-set"
 FORMAT_VERSION = 1
 PARTIAL_PREFIX = ".partial-"
 DELETING_PREFIX = ".deleting-"
+# Plaintext staging of a restore, beside the set or in --staging-dir.
+RESTORE_PREFIX = ".restore-"
 SET_NAME = re.compile(r"^(logical|physical)-\d{8}T\d{6}Z(-\d+)?$")
 _MAC_LABEL = b"pgbackup manifest mac v1"
 
@@ -37,6 +40,12 @@ def set_name(kind: str, moment: datetime.datetime) -> str:
     return f"{kind}-{moment.astimezone(datetime.UTC).strftime('%Y%m%dT%H%M%SZ')}"
 
 
+def sequence(name: str) -> int:
+    """Order of sets started in the same second: `kind-time` is 1, `kind-time-N` is N."""
+    match = SET_NAME.match(name)
+    return int(match.group(2)[1:]) if match and match.group(2) else 1
+
+
 def _canonical(manifest: dict) -> bytes:
     body = {name: value for name, value in manifest.items() if name != "mac"}
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
@@ -50,9 +59,11 @@ def seal(manifest: dict, key: Key) -> dict:
 
 
 def load(set_path: str) -> dict:
+    """The set's manifest, refused unless it describes this very folder: an older set
+    copied over a newer one's name must not pass as the newer set."""
     path = os.path.join(set_path, MANIFEST_NAME)
     try:
-        with open(path, encoding="utf-8") as handle:
+        with os.fdopen(open_no_follow(path, os.O_RDONLY), encoding="utf-8") as handle:
             manifest = json.load(handle)
     except FileNotFoundError:
         raise CorruptError(f"{set_path} has no {MANIFEST_NAME}: it is not a complete backup set") from None
@@ -64,7 +75,20 @@ def load(set_path: str) -> dict:
         raise CorruptError(
             f"{path} has manifest version {manifest.get('format_version')}; expected {FORMAT_VERSION}"
         )
+    check_binding(manifest, set_path)
     return manifest
+
+
+def check_binding(manifest: dict, set_path: str):
+    """Refuse a manifest that names another set, or a kind its folder name does not say."""
+    folder = os.path.basename(os.path.normpath(set_path))
+    named = SET_NAME.match(folder)
+    if manifest.get("name") != folder or not named or manifest.get("kind") != named.group(1):
+        raise CorruptError(
+            f"{set_path}/{MANIFEST_NAME} describes set {manifest.get('name')!r} of kind "
+            f"{manifest.get('kind')!r}, not this folder {folder!r}: a set was copied or renamed over "
+            "another; restore it under its own name or not at all"
+        )
 
 
 def check(manifest: dict, key: Key, set_path: str):

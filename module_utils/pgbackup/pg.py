@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 
 from .errors import PgBackupError
 
@@ -21,6 +22,20 @@ MAINTENANCE_DB = "postgres"
 FALLBACK_MAINTENANCE_DB = "template1"
 # Pipe size asked for programs whose output or input streams through us.
 PIPE_BYTES = 1 << 20
+# How long a restore waits for sessions that are ending before it calls a database in use.
+SESSION_GRACE_SECONDS = 5.0
+
+
+def dbname_conninfo(name: str) -> str:
+    """A database name as a libpq connection string that can only mean that name.
+
+    libpq's tools (pg_dump --dbname, psql, pg_restore, pg_dumpall --database) expand a
+    dbname containing `=` or starting with `postgresql://` into connection settings, so a
+    database named `hostaddr=... sslmode=disable` would send the backup role's password
+    to another server. Quoted as `dbname='...'`, the value is only ever a name.
+    """
+    escaped = name.replace("\\", "\\\\").replace("'", "\\'")
+    return f"dbname='{escaped}'"
 
 
 def admin_db_for(target: str) -> str:
@@ -102,14 +117,30 @@ def role_exists(conn, name: str) -> bool:
     return conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is not None
 
 
-def other_sessions(conn, name: str) -> int:
-    """Client sessions on a database. Autovacuum workers do not count: PostgreSQL
-    cancels them itself when the database is renamed or dropped."""
-    return conn.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
-        " AND backend_type = 'client backend'",
+def other_sessions(conn, name: str) -> list[str]:
+    """Client sessions on a database, each as "pid N (application, client address)".
+    Autovacuum workers do not count: PostgreSQL cancels them itself when the database
+    is renamed or dropped."""
+    rows = conn.execute(
+        "SELECT pid, coalesce(nullif(application_name, ''), 'no application name'),"
+        " coalesce(host(client_addr), 'local socket') FROM pg_stat_activity"
+        " WHERE datname = %s AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        " ORDER BY pid",
         (name,),
-    ).fetchone()[0]
+    ).fetchall()
+    return [f"pid {pid} ({application}, {address})" for pid, application, address in rows]
+
+
+def sessions_after_grace(conn, name: str) -> list[str]:
+    """Sessions still on a database after waiting a bounded time (SESSION_GRACE_SECONDS)
+    for those that are ending: a client that has just disconnected leaves its backend
+    for a moment."""
+    deadline = time.monotonic() + SESSION_GRACE_SECONDS
+    while True:
+        sessions = other_sessions(conn, name)
+        if not sessions or time.monotonic() >= deadline:
+            return sessions
+        time.sleep(0.1)
 
 
 def user_object_count(dbname: str) -> int:
@@ -169,11 +200,17 @@ def _admin(conn, statement, doing: str):
 
 
 class ToolRun:
-    """A PostgreSQL client program whose stderr is kept for the error message."""
+    """A PostgreSQL client program whose stderr is kept for the error message.
+
+    The stderr text is read once, when the program has ended, and kept: every later
+    question about the failure (finish, failure, kill) answers from it, so the tool's own
+    message always reaches the operator.
+    """
 
     def __init__(self, argv: list[str], stdout=None, stdin=subprocess.DEVNULL):
         self.argv = argv
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+        self._stderr_text: str | None = None
         try:
             self.process = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=self._stderr)
         except OSError as error:
@@ -184,14 +221,20 @@ class ToolRun:
                 _widen_pipe(pipe)
 
     def stderr_text(self) -> str:
+        """What the program wrote to stderr; final once the program has ended."""
+        if self._stderr_text is not None:
+            return self._stderr_text
         self._stderr.seek(0)
-        return self._stderr.read().decode("utf-8", "replace")
+        text = self._stderr.read().decode("utf-8", "replace")
+        if self.process.poll() is not None:
+            self._stderr_text = text
+            self._stderr.close()
+        return text
 
     def finish(self, what: str) -> str:
-        """Wait for the program; raise with its last error line if it failed."""
+        """Wait for the program; raise with its own error line if it failed."""
         code = self.process.wait()
         text = self.stderr_text()
-        self._stderr.close()
         if code != 0:
             raise self._error(what, code, text)
         return text
@@ -222,8 +265,7 @@ class ToolRun:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        if not self._stderr.closed:
-            self._stderr.close()
+        self.stderr_text()
 
 
 def _widen_pipe(pipe):

@@ -18,7 +18,8 @@ import tempfile
 from . import manifest, pg
 from .crypto import Key, decrypt_stream
 from .errors import CorruptError, PgBackupError, RefusedError
-from .fsutil import describe_os_error, hold, remove_tree, require_free_space
+from .fsutil import check_set_folder, describe_os_error, hold, open_no_follow, remove_tree, require_free_space
+from .retention import remove_leftovers
 
 log = logging.getLogger("pgbackup")
 
@@ -34,7 +35,7 @@ def decrypt_checked(set_path: str, entry: dict, key: Key, target) -> int:
     """Decrypt one file of the set into target and check it against the manifest."""
     path = os.path.join(set_path, entry["path"])
     try:
-        source = open(path, "rb")  # noqa: SIM115 - closed below, errors mapped first
+        source = os.fdopen(open_no_follow(path, os.O_RDONLY), "rb")
     except FileNotFoundError:
         raise CorruptError(f"{path} is listed in the manifest but missing") from None
     with source:
@@ -52,8 +53,8 @@ def decrypt_checked(set_path: str, entry: dict, key: Key, target) -> int:
 
 
 def open_set(set_path: str, key: Key) -> dict:
-    if not os.path.isdir(set_path):
-        raise PgBackupError(f"backup set {set_path} does not exist")
+    """The checked manifest of a set whose folder holds nothing but plain files."""
+    check_set_folder(set_path)
     record = manifest.load(set_path)
     manifest.check(record, key, set_path)
     return record
@@ -103,11 +104,11 @@ def _preflight(targets: list[tuple[dict, str]], force: bool) -> dict[str, str]:
                     "restore under another name (--target-db) or pass --force to replace it "
                     "(the current database is kept under a new name)"
                 )
-            sessions = pg.other_sessions(conn, target)
+            sessions = pg.sessions_after_grace(conn, target)
             if sessions:
                 raise RefusedError(
-                    f"database {target!r} is in use ({sessions} open session(s)); stop its clients "
-                    "before restoring over it"
+                    f"database {target!r} is in use by {len(sessions)} session(s): {'; '.join(sessions)}; "
+                    "stop its clients before restoring over it"
                 )
             fates[target] = "keep-previous" if objects else "replace-empty"
     return fates
@@ -148,7 +149,7 @@ def _restore_globals(path: str):
             "-q",
             "-v",
             "ON_ERROR_STOP=0",
-            f"--dbname={pg.MAINTENANCE_DB}",
+            f"--dbname={pg.dbname_conninfo(pg.MAINTENANCE_DB)}",
             f"--file={path}",
         ],
         "restoring the globals (roles, tablespaces)",
@@ -208,21 +209,27 @@ def restore_set(
         needed = sum(entry["plaintext_size"] for database in selected for entry in database["files"])
         if include_globals:
             needed += record["globals"]["plaintext_size"]
+        # Plaintext left by a restore that was killed goes before this one needs the space.
+        for leftover in remove_leftovers(staging_parent, (manifest.RESTORE_PREFIX,)):
+            log.warning("removed %s in %s, left by a restore that was killed", leftover, staging_parent)
         require_free_space(staging_parent, needed, "to stage the restore (choose another --staging-dir)")
         try:
-            staging = tempfile.mkdtemp(prefix=".restore-", dir=staging_parent)
+            staging = tempfile.mkdtemp(prefix=manifest.RESTORE_PREFIX, dir=staging_parent)
         except OSError as error:
             raise describe_os_error(error, f"creating a staging folder in {staging_parent}") from None
         try:
-            staged = _stage(set_path, record, key, staging, selected, include_globals)
-            log.info("restore of %s: %d file set(s) verified and staged", set_path, len(staged))
-            if include_globals:
-                _restore_globals(staged[None])
-                log.info("globals restored")
-            results = [
-                _restore_database(database, target, staged[database["name"]], fates[target], jobs)
-                for database, target in targets
-            ]
+            # Held for the whole restore: prune and later restores leave it alone, and
+            # remove it once nothing holds it (a restore killed with SIGKILL).
+            with hold(staging, exclusive=True, wait=False, what=f"restore staging {staging}"):
+                staged = _stage(set_path, record, key, staging, selected, include_globals)
+                log.info("restore of %s: %d file set(s) verified and staged", set_path, len(staged))
+                if include_globals:
+                    _restore_globals(staged[None])
+                    log.info("globals restored")
+                results = [
+                    _restore_database(database, target, staged[database["name"]], fates[target], jobs)
+                    for database, target in targets
+                ]
         finally:
             remove_tree(staging)
     return {"set": set_path, "name": record["name"], "globals": include_globals, "databases": results}
@@ -240,7 +247,7 @@ def _restore_database(database: dict, target: str, staged_path: str, fate: str, 
                 "--no-password",
                 "--exit-on-error",
                 f"--jobs={jobs}",
-                f"--dbname={scratch}",
+                f"--dbname={pg.dbname_conninfo(scratch)}",
                 staged_path,
             ],
             f"pg_restore of database {database['name']!r}",
@@ -252,9 +259,11 @@ def _restore_database(database: dict, target: str, staged_path: str, fate: str, 
     kept_as = None
     with pg.connect(pg.admin_db_for(target)) as conn:
         try:
-            if fate != "create" and pg.other_sessions(conn, target):
+            sessions = pg.sessions_after_grace(conn, target) if fate != "create" else []
+            if sessions:
                 raise RefusedError(
-                    f"database {target!r} got open sessions during the restore; nothing was replaced"
+                    f"database {target!r} got open sessions during the restore ({'; '.join(sessions)}); "
+                    "nothing was replaced"
                 )
             if fate == "keep-previous":
                 kept_as = _fit_identifier(target, f"_pre_restore_{suffix}")

@@ -3,7 +3,8 @@
 Sets are ordered by the backup time in their manifests, never by folder name or
 mtime. Prune never deletes the newest complete set, never leaves fewer than
 `min_keep` complete sets, never deletes a set a verify or restore holds, and
-removes interrupted leftovers (`.partial-*`) only once they are a day old.
+removes the leftovers of killed runs (`.partial-*` sets being written, `.restore-*`
+plaintext staging, `.deleting-*`) once no running process holds them.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import os
 
 from . import manifest
 from .errors import BusyError, CorruptError, PgBackupError
-from .fsutil import fsync_dir, hold, remove_tree
+from .fsutil import check_set_folder, fsync_dir, hold, is_abandoned, remove_tree
 
 log = logging.getLogger("pgbackup")
 
-LEFTOVER_AGE = datetime.timedelta(days=1)
+# A leftover must be this old, and its lock free, before it is removed: the gap
+# between a run creating its folder and locking it is far shorter.
+LEFTOVER_GRACE_SECONDS = 600
+LEFTOVER_PREFIXES = (manifest.PARTIAL_PREFIX, manifest.DELETING_PREFIX, manifest.RESTORE_PREFIX)
 
 
 def scan(dest: str) -> list[dict]:
@@ -28,9 +32,13 @@ def scan(dest: str) -> list[dict]:
     complete, other = [], []
     for name in sorted(os.listdir(dest)):
         path = os.path.join(dest, name)
+        if os.path.islink(path):
+            if manifest.SET_NAME.match(name) or name.startswith(LEFTOVER_PREFIXES):
+                other.append({"name": name, "path": path, "status": "invalid", "reason": "a symbolic link"})
+            continue
         if not os.path.isdir(path):
             continue
-        if name.startswith((manifest.PARTIAL_PREFIX, manifest.DELETING_PREFIX)):
+        if name.startswith(LEFTOVER_PREFIXES):
             other.append(
                 {"name": name, "path": path, "status": "incomplete", "mtime": os.path.getmtime(path)}
             )
@@ -38,8 +46,9 @@ def scan(dest: str) -> list[dict]:
         if not manifest.SET_NAME.match(name):
             continue
         try:
+            check_set_folder(path)
             record = manifest.load(path)
-            started = manifest.parse_iso(record["started_at"])
+            manifest.parse_iso(record["started_at"])  # a malformed time makes the set invalid
             if not record.get("complete"):
                 raise CorruptError("not marked complete")
         except (CorruptError, KeyError, ValueError) as error:
@@ -49,7 +58,6 @@ def scan(dest: str) -> list[dict]:
                     "path": path,
                     "status": "invalid",
                     "reason": str(error),
-                    "mtime": os.path.getmtime(path),
                 }
             )
             continue
@@ -64,13 +72,16 @@ def scan(dest: str) -> list[dict]:
                 "databases": [database["name"] for database in record.get("databases", [])],
                 "total_size": record.get("total_size"),
                 "key_id": record.get("key_id"),
-                "_started": started,
             }
         )
-    complete.sort(key=lambda entry: entry["_started"], reverse=True)
-    for entry in complete:
-        del entry["_started"]
+    complete.sort(key=newest_first_key, reverse=True)
     return complete + other
+
+
+def newest_first_key(entry: dict):
+    """Sort key of a set by age. Sets of one second share a start time; the folder's -N
+    suffix says which came later."""
+    return manifest.parse_iso(entry["started_at"]), manifest.sequence(entry["name"])
 
 
 def latest_complete(sets: list[dict]) -> dict | None:
@@ -78,7 +89,7 @@ def latest_complete(sets: list[dict]) -> dict | None:
     candidates = [entry for entry in sets if entry.get("status") == "complete"]
     if not candidates:
         return None
-    return max(candidates, key=lambda entry: manifest.parse_iso(entry["started_at"]))
+    return max(candidates, key=newest_first_key)
 
 
 def prune(
@@ -116,13 +127,8 @@ def prune(
             report["held"].append(entry["name"])
             report["kept"].append(entry["name"])
 
-    for entry in sets:
-        if entry["status"] == "invalid":
-            report["invalid"].append(entry["name"])
-        elif entry["status"] == "incomplete":
-            age = now - datetime.datetime.fromtimestamp(entry["mtime"], datetime.UTC)
-            if age >= LEFTOVER_AGE and _remove(dest, entry, dry_run):
-                report["leftovers_removed"].append(entry["name"])
+    report["invalid"] = [entry["name"] for entry in sets if entry["status"] == "invalid"]
+    report["leftovers_removed"] = remove_leftovers(dest, dry_run=dry_run, now=now.timestamp())
     if report["invalid"]:
         log.warning("left alone, not valid sets (check them by hand): %s", ", ".join(report["invalid"]))
     if not dry_run and (report["removed"] or report["leftovers_removed"]):
@@ -155,3 +161,23 @@ def _remove(dest: str, entry: dict, dry_run: bool) -> bool:
     except BusyError:
         log.info("kept %s: it is in use", entry["name"])
         return False
+    except CorruptError as error:
+        log.warning("left %s alone: %s", entry["name"], error)
+        return False
+
+
+def remove_leftovers(
+    folder: str, prefixes=LEFTOVER_PREFIXES, dry_run: bool = False, now: float | None = None
+) -> list[str]:
+    """Remove the leftovers of killed runs in folder (sets half written, plaintext restore
+    staging, half-deleted sets) that no running process holds; their names."""
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not name.startswith(prefixes) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        if is_abandoned(path, LEFTOVER_GRACE_SECONDS, now) and _remove(
+            folder, {"name": name, "path": path}, dry_run
+        ):
+            removed.append(name)
+    return removed

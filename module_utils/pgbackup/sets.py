@@ -86,9 +86,10 @@ def stream_program_to_files(
             sink.write(block)
         if splitter:
             sink.close()
-        entries = [target.commit() for target in files]
         run.process.stdout.close()
-        return entries, run.finish(what)
+        # The program's verdict first: a dump that failed is never committed.
+        stderr = run.finish(what)
+        return [target.commit() for target in files], stderr
     except BaseException as error:
         # Output that stops short is most often the program failing: say why it did.
         failure = run.failure(what) if isinstance(error, PgBackupError) else None

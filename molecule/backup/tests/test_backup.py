@@ -11,6 +11,8 @@ BACKUP_DIR = "/var/backups/postgresql"
 LOG = "/var/log/pgbackup/pgbackup.log"
 METRICS = "/var/lib/pgbackup/metrics/pgbackup.prom"
 KEY = "/etc/pgbackup/backup.key"
+SETTINGS = "/etc/pgbackup/run.json"
+RUN_LOCK = f"{BACKUP_DIR}/.run.lock"
 # cron's environment: a bare PATH, no terminal.
 AS_CRON = (
     "runuser -u postgres -- env -i PATH=/usr/bin:/bin HOME=/var/lib/postgresql SHELL=/bin/sh LOGNAME=postgres"
@@ -33,10 +35,28 @@ def psql(host, query, db="postgres"):
     return result.stdout.strip()
 
 
-def scheduled_run(host, kind="", env_file=None):
-    """The wrapper as cron runs it; env_file stands in for /etc/pgbackup/pgbackup.env."""
-    settings = f"PGBACKUP_ENV_FILE={env_file} " if env_file else ""
-    return host.run(f"{AS_CRON} {settings}/usr/local/sbin/pgbackup-run {kind}")
+def scheduled_run(host, kind="logical", settings=None):
+    """The run as cron runs it; settings stands in for /etc/pgbackup/run.json."""
+    chosen = f" --settings {settings}" if settings else ""
+    return host.run(f"{AS_CRON} /usr/local/bin/pgbackup run {kind}{chosen}")
+
+
+def edit_settings(host, source, target, **changes):
+    """A copy of the run's settings with some values changed (nested dicts merged)."""
+    result = host.run(
+        "python3 -c %s %s %s %s",
+        "import json, sys\n"
+        "settings = json.load(open(sys.argv[1]))\n"
+        "for name, value in json.loads(sys.argv[3]).items():\n"
+        "    if isinstance(value, dict): settings[name].update(value)\n"
+        "    else: settings[name] = value\n"
+        "json.dump(settings, open(sys.argv[2], 'w'))\n",
+        source,
+        target,
+        json.dumps(changes),
+    )
+    assert result.rc == 0, result.stderr
+    host.run("chown root:postgres %s && chmod 0640 %s", target, target)
 
 
 def complete_sets(host):
@@ -66,7 +86,7 @@ def first_run(host):
         db="streaming",
     )
     run = host.run(
-        f"( {AS_CRON} /usr/local/sbin/pgbackup-run > /tmp/run.out 2>&1; echo $? > /tmp/run.rc ) &"
+        f"( {AS_CRON} /usr/local/bin/pgbackup run logical > /tmp/run.out 2>&1; echo $? > /tmp/run.rc ) &"
         " for i in $(seq 1 600); do ps -eo args >> /tmp/ps.samples; [ -s /tmp/run.rc ] && break; sleep 0.05; done;"
         " wait; cat /tmp/run.rc"
     )
@@ -128,7 +148,7 @@ def test_every_event_is_logged_and_metrics_say_success(host, first_run):
         "run started",
         "backup written",
         "verify passed",
-        "prune:",
+        "prune (logical sets",
         "off-site copy",
         "run finished",
     ):
@@ -170,20 +190,35 @@ def test_set_files_are_private(host, first_run):
     assert all(line.startswith("600 ") for line in modes if line), modes
 
 
-def test_cron_runs_the_wrapper_at_two(host):
+def test_cron_runs_the_backup_at_two(host):
     crontab = host.run("crontab -l -u postgres").stdout
-    assert re.search(r"^0 2 \* \* \* /usr/local/sbin/pgbackup-run$", crontab, re.MULTILINE), crontab
+    assert re.search(r"^0 2 \* \* \* /usr/local/bin/pgbackup run logical$", crontab, re.MULTILINE), crontab
+    assert not host.file("/usr/local/sbin/pgbackup-run").exists
 
 
-def test_second_run_at_the_same_moment_is_refused(host, first_run):
+def test_second_run_at_the_same_moment_is_refused_and_counted_as_failed(host, first_run):
     before = len(complete_sets(host))
     result = host.run(
-        "runuser -u postgres -- flock /run/lock/pgbackup.lock sh -c %s",
-        f"{AS_CRON.replace('runuser -u postgres -- ', '')} /usr/local/sbin/pgbackup-run",
+        "runuser -u postgres -- flock %s sh -c %s",
+        RUN_LOCK,
+        f"{AS_CRON.replace('runuser -u postgres -- ', '')} /usr/local/bin/pgbackup run logical",
     )
     assert result.rc == 75
-    assert "another backup run holds /run/lock/pgbackup.lock" in host.file(LOG).content_string
+    assert f"another backup run holds {RUN_LOCK}" in host.file(LOG).content_string
+    assert metric(host, "pgbackup_last_run_status") == 1
     assert len(complete_sets(host)) == before
+
+
+def test_the_run_lock_is_out_of_other_users_reach(host, first_run):
+    lock = host.file(RUN_LOCK)
+    assert lock.user == "postgres" and lock.mode == 0o600
+    assert host.file(BACKUP_DIR).mode == 0o700
+    # Another local user can neither create nor hold it.
+    assert host.run("runuser -u nobody -- flock -n %s true", RUN_LOCK).rc != 0
+
+
+def test_metrics_are_readable_by_the_exporter(host, first_run):
+    assert host.file(METRICS).mode == 0o644
 
 
 def test_prune_removes_only_what_it_should(host, first_run):
@@ -200,6 +235,7 @@ def test_prune_removes_only_what_it_should(host, first_run):
             "shutil.copytree(src, dst)\n"
             "manifest = json.load(open(dst + '/manifest.json'))\n"
             "manifest['started_at'] = when.strftime('%Y-%m-%dT%H:%M:%SZ')\n"
+            "manifest['name'] = dst.rsplit('/', 1)[1]\n"
             "json.dump(manifest, open(dst + '/manifest.json', 'w'))\n"
             "print(dst.rsplit('/', 1)[1])",
             source,
@@ -231,7 +267,9 @@ def test_dead_remote_fails_the_sync_but_keeps_the_local_set(host, offsite, first
     verify = host.run("runuser -u postgres -- pgbackup verify %s --key-file %s", new[0]["path"], KEY)
     assert verify.rc == 0
     log = host.file(LOG).content_string
-    assert "off-site copy to offsite:/srv/offsite/pg-backup-1 FAILED; local sets are kept" in log
+    assert re.search(
+        r"ERR off-site copy to offsite:/srv/offsite/pg-backup-1 failed: .*; local sets are kept", log
+    )
     assert metric(host, "pgbackup_last_run_status") == 1
 
 
@@ -248,7 +286,7 @@ def test_database_down_fails_loudly_instead_of_skipping(host, first_run):
 
 def test_weekly_physical_backup_runs_verifies_and_goes_offsite(host, offsite, first_run):
     crontab = host.run("crontab -l -u postgres").stdout
-    assert re.search(r"^0 4 \* \* 0 /usr/local/sbin/pgbackup-run physical$", crontab, re.MULTILINE), crontab
+    assert re.search(r"^0 4 \* \* 0 /usr/local/bin/pgbackup run physical$", crontab, re.MULTILINE), crontab
     result = scheduled_run(host, "physical")
     assert result.rc == 0, host.file(LOG).content_string
     listed = json.loads(host.run("runuser -u postgres -- pgbackup list --dest %s --json", BACKUP_DIR).stdout)
@@ -280,7 +318,7 @@ def test_external_drive_is_skipped_unmounted_and_filled_when_mounted(host, first
 
 
 STANDBY = "/var/lib/postgresql/standby-test"
-STANDBY_ENV = "/etc/pgbackup/standby-test.env"
+STANDBY_SETTINGS = "/etc/pgbackup/standby-test.json"
 STANDBY_PASSFILE = "/etc/pgbackup/standby-test.pgpass"
 
 
@@ -290,8 +328,9 @@ def standby(host, first_run):
     settings file that points the scheduled run at it (own sets, metrics; no off-site)."""
     host.run("rm -rf %s /tmp/standby-sets /tmp/standby-metrics", STANDBY)
     cloned = host.run(
-        "runuser -u postgres -- bash -c 'set -a; . /etc/pgbackup/pgbackup.env;"
-        " pg_basebackup --pgdata=%s --write-recovery-conf --wal-method=stream --checkpoint=fast'",
+        "runuser -u postgres -- env PGHOST=localhost PGUSER=pgbackup PGPASSFILE=/etc/pgbackup/pgpass"
+        " PGSSLMODE=verify-full PGSSLROOTCERT=/etc/postgresql/ssl/server.crt"
+        " pg_basebackup --pgdata=%s --write-recovery-conf --wal-method=stream --checkpoint=fast",
         STANDBY,
     )
     assert cloned.rc == 0, cloned.stderr
@@ -314,23 +353,28 @@ def standby(host, first_run):
         STANDBY_PASSFILE,
         STANDBY_PASSFILE,
     )
-    host.run(
-        "sed -e 's/^PGPORT=.*/PGPORT=5433/' -e 's|^BACKUP_DIR=.*|BACKUP_DIR=/tmp/standby-sets|'"
-        " -e 's|^METRICS_DIR=.*|METRICS_DIR=/tmp/standby-metrics|' -e 's/^OFFSITE_TARGET=.*/OFFSITE_TARGET=/'"
-        " -e 's/^EXTERNAL_DRIVE=.*/EXTERNAL_DRIVE=/' -e 's|^PGPASSFILE=.*|PGPASSFILE=%s|'"
-        " /etc/pgbackup/pgbackup.env > %s",
-        STANDBY_PASSFILE,
-        STANDBY_ENV,
+    edit_settings(
+        host,
+        SETTINGS,
+        STANDBY_SETTINGS,
+        connection={"login_port": 5433, "passfile": STANDBY_PASSFILE},
+        backup_dir="/tmp/standby-sets",
+        lock_file="/tmp/standby-sets/.run.lock",
+        metrics_dir="/tmp/standby-metrics",
+        offsite={"target": ""},
+        external_drive="",
     )
     yield
     host.run("runuser -u postgres -- /usr/lib/postgresql/15/bin/pg_ctl -D %s -m fast stop", STANDBY)
-    host.run("rm -rf %s %s %s /tmp/standby-sets /tmp/standby-metrics", STANDBY, STANDBY_ENV, STANDBY_PASSFILE)
+    host.run(
+        "rm -rf %s %s %s /tmp/standby-sets /tmp/standby-metrics", STANDBY, STANDBY_SETTINGS, STANDBY_PASSFILE
+    )
 
 
-def run_with(host, env_file, run_on):
+def run_with(host, settings, run_on):
     """The scheduled run with the settings file and backup_run_on given."""
-    host.run("sed -i 's/^RUN_ON=.*/RUN_ON=%s/' %s", run_on, env_file)
-    return scheduled_run(host, env_file=env_file)
+    edit_settings(host, settings, settings, run_on=run_on)
+    return scheduled_run(host, settings=settings)
 
 
 def standby_status(host):
@@ -339,15 +383,16 @@ def standby_status(host):
 
 def test_standby_leaves_the_backup_to_the_primary(host, standby):
     assert psql(host, "SELECT count(*) FROM pg_stat_replication") == "1"
-    result = run_with(host, STANDBY_ENV, "primary")
+    result = run_with(host, STANDBY_SETTINGS, "primary")
     assert result.rc == 0, host.file(LOG).content_string
     assert "this node is a standby; the primary runs the backup" in host.file(LOG).content_string
     assert standby_status(host) == 2
-    assert host.run("ls -A /tmp/standby-sets").stdout.strip() == ""
+    # Nothing but the run's own lock file.
+    assert host.run("ls -A /tmp/standby-sets").stdout.split() == [".run.lock"]
 
 
 def test_a_chosen_replica_runs_the_backup_and_the_primary_does_not(host, standby):
-    result = run_with(host, STANDBY_ENV, "replica")
+    result = run_with(host, STANDBY_SETTINGS, "replica")
     assert result.rc == 0, host.file(LOG).content_string
     assert standby_status(host) == 0
     listed = json.loads(
@@ -361,11 +406,11 @@ def test_a_chosen_replica_runs_the_backup_and_the_primary_does_not(host, standby
     assert "streaming" in [database["name"] for database in manifest["databases"]]
     # The same setting on the primary: not its turn.
     sets_before = len(complete_sets(host))
-    host.run("cp -p /etc/pgbackup/pgbackup.env /etc/pgbackup/primary-test.env")
+    host.run("cp -p %s /etc/pgbackup/primary-test.json", SETTINGS)
     try:
-        result = run_with(host, "/etc/pgbackup/primary-test.env", "replica")
+        result = run_with(host, "/etc/pgbackup/primary-test.json", "replica")
     finally:
-        host.run("rm -f /etc/pgbackup/primary-test.env")
+        host.run("rm -f /etc/pgbackup/primary-test.json")
     assert result.rc == 0
     assert "this node is the primary; a replica runs the backup" in host.file(LOG).content_string
     assert metric(host, "pgbackup_last_run_status") == 2

@@ -71,8 +71,8 @@ def test_roles_store_scram_verifiers(host, lab_vars):
 def test_scram_login_over_verified_tls_works(host, lab_vars):
     result = tcp_login(
         host,
-        "dba",
-        lab_vars["postgresql_admin_password"],
+        "pgbackup",
+        lab_vars["postgresql_backup_password"],
         "host=localhost sslmode=verify-full sslrootcert=/etc/postgresql/ssl/server.crt",
         "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
     )
@@ -80,14 +80,27 @@ def test_scram_login_over_verified_tls_works(host, lab_vars):
     assert result.stdout.strip() == "t"
 
 
+def test_superusers_log_in_over_the_local_socket_only(host, lab_vars):
+    password = lab_vars["postgresql_admin_password"]
+    over_tcp = tcp_login(
+        host, "dba", password, "host=localhost sslmode=verify-full sslrootcert=/etc/postgresql/ssl/server.crt"
+    )
+    assert over_tcp.rc != 0
+    assert "rejects connection" in over_tcp.stderr
+    over_socket = tcp_login(host, "dba", password, "host=/var/run/postgresql")
+    assert over_socket.rc == 0, over_socket.stderr
+
+
 def test_login_without_tls_is_refused(host, lab_vars):
-    result = tcp_login(host, "dba", lab_vars["postgresql_admin_password"], "host=127.0.0.1 sslmode=disable")
+    result = tcp_login(
+        host, "pgbackup", lab_vars["postgresql_backup_password"], "host=127.0.0.1 sslmode=disable"
+    )
     assert result.rc != 0
     assert "no encryption" in result.stderr
 
 
 def test_wrong_password_is_refused(host):
-    result = tcp_login(host, "dba", "not-the-password", "host=127.0.0.1 sslmode=require")
+    result = tcp_login(host, "pgbackup", "not-the-password", "host=127.0.0.1 sslmode=require")
     assert result.rc != 0
     assert "password authentication failed" in result.stderr
 

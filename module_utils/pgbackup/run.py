@@ -1,0 +1,420 @@
+"""The scheduled run, as cron calls it: `pgbackup run [logical|physical]`.
+
+One run: take the run lock, decide whether this node's turn it is, make a set, verify
+it, prune, copy it off-site (rclone) and to an external drive, and write metrics for
+Prometheus's textfile collector. Every event is one line in the log file and in
+syslog/journald (tag pgbackup-run). The settings come from one JSON file written by the
+backup role; it holds no secret (the password is in the passfile, the key in its file).
+
+Exit codes: 0 done (or not this node's turn), 1 a step failed, 75 another run holds
+the lock. A run that fails, or finds the lock taken, says so in the metrics too, so a
+stuck lock or a failing night shows on a dashboard rather than only in a log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import logging
+import os
+import socket
+import subprocess
+import syslog
+import time
+
+from . import backup, crypto, manifest, pg, physical, restore, retention
+from .connection import CONNECTION_ARGUMENT_SPEC, DEFAULT_SSLMODE, apply_connection_params
+from .errors import PgBackupError
+from .fsutil import open_no_follow
+
+log = logging.getLogger("pgbackup.run")
+
+DEFAULT_SETTINGS_FILE = "/etc/pgbackup/run.json"
+KINDS = ("logical", "physical")
+EXIT_OK, EXIT_FAILED, EXIT_BUSY = 0, 1, 75
+STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = 0, 1, 2
+RUN_ON = ("primary", "replica", "any")
+SYSLOG_TAG = "pgbackup-run"
+STANDARD_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+# Leftovers, lock files and restore staging never leave the host: every name that is
+# not a complete set starts with a dot (rclone filter syntax; matched at any depth).
+NOT_COPIED = ("--exclude", ".*", "--exclude", ".*/**")
+
+DEFAULTS = {
+    "connection": {},
+    "run_on": "primary",
+    "backup_dir": None,
+    "key_file": None,
+    "lock_file": None,  # default: <backup_dir>/.run.lock
+    "compression_level": 3,
+    "logical": {"format": "custom", "jobs": 1, "databases": [], "keep_days": 30, "min_keep": 7},
+    "physical": {"parts": 2, "keep_days": 28, "min_keep": 2},
+    "offsite": {"target": "", "keep_days": 90, "rclone_config": ""},
+    "external_drive": "",
+    "log_file": "/var/log/pgbackup/pgbackup.log",
+    "metrics_dir": "/var/lib/pgbackup/metrics",
+}
+# Connection settings a run takes: libpq's, but never a password.
+CONNECTION_KEYS = set(CONNECTION_ARGUMENT_SPEC) - {"login_password"}
+
+
+def load_settings(path: str) -> dict:
+    """The run's settings: the file's values over DEFAULTS; unknown names are refused,
+    so a misspelt setting is an error, not a silently ignored line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            given = json.load(handle)
+    except FileNotFoundError:
+        raise PgBackupError(f"settings file {path} does not exist (the backup role writes it)") from None
+    except (OSError, ValueError) as error:
+        raise PgBackupError(f"settings file {path} cannot be read: {error}") from None
+    if not isinstance(given, dict):
+        raise PgBackupError(f"settings file {path} must hold a JSON object")
+    settings = _merge(DEFAULTS, given, path, "")
+    for required in ("backup_dir", "key_file"):
+        if not settings[required]:
+            raise PgBackupError(f"settings file {path} does not set {required}")
+    unknown = set(settings["connection"]) - CONNECTION_KEYS
+    if unknown:
+        raise PgBackupError(
+            f"settings file {path}: unknown connection setting(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(CONNECTION_KEYS))} (passwords belong in the passfile)"
+        )
+    if settings["run_on"] not in RUN_ON:
+        raise PgBackupError(f"settings file {path}: run_on must be one of {', '.join(RUN_ON)}")
+    settings["lock_file"] = settings["lock_file"] or os.path.join(settings["backup_dir"], ".run.lock")
+    return settings
+
+
+def _merge(defaults: dict, given: dict, path: str, where: str) -> dict:
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise PgBackupError(
+            f"settings file {path}: unknown setting(s) {', '.join(where + name for name in sorted(unknown))}"
+        )
+    merged = dict(defaults)
+    for name, value in given.items():
+        nested = isinstance(defaults[name], dict) and defaults[name]  # "connection" is free-form
+        merged[name] = _merge(defaults[name], value, path, f"{where}{name}.") if nested else value
+    return merged
+
+
+class EventLog(logging.Handler):
+    """One line per event in the log file and in syslog, whatever part of pgbackup
+    reports it: `<UTC time> pgbackup-run[<run id>] <LEVEL> <message>`."""
+
+    def __init__(self, path: str, run_id: str):
+        super().__init__(logging.INFO)
+        self.path = path
+        self.run_id = run_id
+        syslog.openlog(SYSLOG_TAG, syslog.LOG_PID, syslog.LOG_USER)
+
+    def emit(self, record: logging.LogRecord):
+        message = " ".join(self.format(record).split())  # one line, whatever the message held
+        level = {"WARNING": "WARNING", "ERROR": "ERR", "CRITICAL": "ERR"}.get(record.levelname, "INFO")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
+        line = f"{stamp} {SYSLOG_TAG}[{self.run_id}] {level} {message}\n"
+        try:
+            with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640), "a") as handle:
+                handle.write(line)
+        except OSError:
+            self.handleError(record)
+        priority = {"ERR": syslog.LOG_ERR, "WARNING": syslog.LOG_WARNING}.get(level, syslog.LOG_INFO)
+        syslog.syslog(priority, message)
+
+
+@contextlib.contextmanager
+def run_lock(path: str):
+    """The lock that keeps runs from overlapping, in a folder only the backup user can
+    write: in a world-writable one (/run/lock) any local user could hold it and stop
+    every backup. Yields None when another run holds it, with that run's note read."""
+    folder = os.path.dirname(os.path.abspath(path))
+    mode = os.stat(folder).st_mode
+    if mode & 0o022:
+        raise PgBackupError(
+            f"the run lock's folder {folder} is writable by other users (mode {mode & 0o777:04o}), who "
+            "could hold the lock and stop every backup; put backup_lock_file in the backup directory"
+        )
+    fd = open_no_follow(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "no note", False
+            return
+        os.ftruncate(fd, 0)
+        note = f"pid {os.getpid()} on {socket.gethostname()} since {manifest.iso(manifest.utc_now())}\n"
+        os.pwrite(fd, note.encode(), 0)
+        yield None, True
+    finally:
+        os.close(fd)
+
+
+class Metrics:
+    """The run's metrics file for the textfile collector, one per kind, written whole
+    under a temporary name and renamed. Readable by the exporter: no secret is in it."""
+
+    def __init__(self, folder: str, kind: str):
+        self.prefix = "pgbackup" if kind == "logical" else f"pgbackup_{kind}"
+        self.path = os.path.join(folder, f"{self.prefix}.prom")
+
+    def previous(self) -> dict[str, float]:
+        values = {}
+        with contextlib.suppress(OSError), open(self.path, encoding="utf-8") as handle:
+            for line in handle:
+                name, _, value = line.partition(" ")
+                if not name.startswith("#"):
+                    with contextlib.suppress(ValueError):
+                        values[name] = float(value)
+        return values
+
+    def write(self, status: int, duration: float, set_bytes: int, offsite_ok: bool):
+        now = int(time.time())
+        previous = self.previous()
+        last_success = (
+            now if status == STATUS_OK else previous.get(f"{self.prefix}_last_success_timestamp_seconds", 0)
+        )
+        offsite = (
+            now if offsite_ok else previous.get(f"{self.prefix}_offsite_last_success_timestamp_seconds", 0)
+        )
+        rows = [
+            ("last_run_timestamp_seconds", "When the scheduled backup last ran on this node.", now),
+            (
+                "last_run_status",
+                "0 succeeded, 1 failed (or found the run lock taken), 2 skipped: another node's turn.",
+                status,
+            ),
+            ("last_success_timestamp_seconds", "When a backup last succeeded on this node.", last_success),
+            ("offsite_last_success_timestamp_seconds", "When the off-site copy last succeeded.", offsite),
+            ("last_run_duration_seconds", "Length of the last run.", round(duration, 3)),
+            ("last_backup_size_bytes", "Encrypted size of the set the last run made (0 if none).", set_bytes),
+        ]
+        text = "".join(
+            f"# HELP {self.prefix}_{name} {help_text}\n# TYPE {self.prefix}_{name} gauge\n"
+            f"{self.prefix}_{name} {int(value) if float(value).is_integer() else value}\n"
+            for name, help_text, value in rows
+        )
+        tmp = f"{self.path}.tmp"
+        with open(
+            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w", encoding="utf-8"
+        ) as handle:
+            os.fchmod(handle.fileno(), 0o644)
+            handle.write(text)
+        os.replace(tmp, self.path)
+
+
+def _rclone(config: str, *args: str, what: str) -> str:
+    argv = ["rclone", *(["--config", config] if config else []), *args]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+    except OSError as error:
+        raise PgBackupError(f"{what} failed: cannot start rclone: {error.strerror}") from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if "ERROR" in line or "Failed" in line] or lines
+        raise PgBackupError(f"{what} failed: {(errors or [f'exit code {done.returncode}'])[0].strip()}")
+    return done.stdout
+
+
+def copy_offsite(settings: dict, set_path: str):
+    """Copy the backup directory to the remote (never deleting there because something
+    is missing here), check the new set arrived intact, then apply the remote's age limit."""
+    offsite = settings["offsite"]
+    target, config = offsite["target"].rstrip("/"), offsite["rclone_config"]
+    _rclone(
+        config,
+        "copy",
+        settings["backup_dir"],
+        target,
+        "--checksum",
+        *NOT_COPIED,
+        what=f"off-site copy to {target}",
+    )
+    _rclone(
+        config,
+        "check",
+        set_path,
+        f"{target}/{os.path.basename(set_path)}",
+        "--one-way",
+        *NOT_COPIED,
+        what=f"checking the off-site copy of {os.path.basename(set_path)}",
+    )
+    log.info("off-site copy to %s verified", target)
+    if offsite["keep_days"] > 0:
+        try:
+            _rclone(
+                config, "delete", target, "--min-age", f"{offsite['keep_days']}d", what="off-site retention"
+            )
+            _rclone(config, "rmdirs", target, "--leave-root", what="off-site retention")
+        except PgBackupError as error:
+            log.warning("%s (older than %d days)", error, offsite["keep_days"])
+
+
+def copy_to_drive(settings: dict) -> bool:
+    """The external-drive copy, made only when the drive is mounted; False if skipped."""
+    drive = settings["external_drive"]
+    if not os.path.ismount(drive):
+        log.info("external drive copy skipped: %s is not mounted", drive)
+        return False
+    _rclone(
+        settings["offsite"]["rclone_config"],
+        "copy",
+        settings["backup_dir"],
+        os.path.join(drive, "postgresql"),
+        "--checksum",
+        *NOT_COPIED,
+        what=f"external drive copy to {drive}",
+    )
+    log.info("external drive copy to %s done", drive)
+    return True
+
+
+def _turn(run_on: str) -> str | None:
+    """Why this node should not run the backup now (None: it should). Decided at run
+    time on every node, so a failover moves the backups along with the primary."""
+    try:
+        with pg.connect() as conn:
+            in_recovery = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+    except PgBackupError as error:
+        raise PgBackupError(
+            f"cannot tell whether this node should run the backup (server unreachable): {error}"
+        ) from None
+    if run_on == "primary" and in_recovery:
+        return "this node is a standby; the primary runs the backup"
+    if run_on == "replica" and not in_recovery:
+        return "this node is the primary; a replica runs the backup"
+    return None
+
+
+def _make_set(settings: dict, kind: str, key) -> dict:
+    level = settings["compression_level"]
+    if kind == "physical":
+        return physical.create_base_backup(
+            settings["backup_dir"], key, compression_level=level, parts=settings["physical"]["parts"]
+        )
+    logical = settings["logical"]
+    return backup.create_backup_set(
+        settings["backup_dir"],
+        key,
+        databases=logical["databases"] or None,
+        dump_format=logical["format"],
+        jobs=logical["jobs"],
+        compression_level=level,
+    )
+
+
+def scheduled_run(settings: dict, kind: str) -> int:
+    """One scheduled run; its exit code. Assumes the event log is already attached."""
+    started = time.monotonic()
+    metrics = Metrics(settings["metrics_dir"], kind)
+    with run_lock(settings["lock_file"]) as (holder, held):
+        if not held:
+            metrics.write(STATUS_FAILED, time.monotonic() - started, 0, False)
+            log.error(
+                "another backup run holds %s (%s); this run did nothing. A lock held for longer "
+                "than a run takes is stuck: find that process",
+                settings["lock_file"],
+                holder,
+            )
+            return EXIT_BUSY
+        log.info("%s run started on %s", kind, socket.gethostname())
+        outcome = {"set_bytes": 0, "offsite_ok": False}
+        status, message = _steps(settings, kind, outcome)
+        metrics.write(status, time.monotonic() - started, outcome["set_bytes"], outcome["offsite_ok"])
+    (log.error if status == STATUS_FAILED else log.info)("%s", message)
+    return EXIT_FAILED if status == STATUS_FAILED else EXIT_OK
+
+
+def _steps(settings: dict, kind: str, outcome: dict) -> tuple[int, str]:
+    """The run's steps, in order; (status, closing message). A step that fails stops
+    the run only when what follows depends on it."""
+    try:
+        not_my_turn = _turn(settings["run_on"])
+        if not_my_turn:
+            return STATUS_SKIPPED, not_my_turn
+    except PgBackupError as error:
+        return STATUS_FAILED, str(error)
+    try:
+        key = crypto.load_key(settings["key_file"])
+        record = _make_set(settings, kind, key)
+    except PgBackupError as error:
+        return STATUS_FAILED, f"{kind} backup failed: {error}; earlier sets are untouched"
+    set_path = record["path"]
+    outcome["set_bytes"] = record["total_size"]
+    log.info("backup written: %s (%d bytes)", set_path, record["total_size"])
+    try:
+        report = restore.verify_set(set_path, key)
+    except PgBackupError as error:
+        return STATUS_FAILED, f"verify FAILED for {set_path}: {error}"
+    log.info(
+        "verify passed: %s: OK (%d files, %d bytes)", set_path, report["files"], report["plaintext_bytes"]
+    )
+    failed = False
+    for step in (_prune, _offsite, _drive):
+        try:
+            step(settings, kind, set_path, outcome)
+        except PgBackupError as error:
+            log.error("%s", error)
+            failed = True
+    if failed:
+        return (
+            STATUS_FAILED,
+            f"run finished with errors: {set_path} was made and verified, but a later step failed",
+        )
+    return STATUS_OK, f"run finished: {set_path}"
+
+
+def _prune(settings: dict, kind: str, _set_path: str, _outcome: dict):
+    policy = settings[kind]
+    try:
+        pruned = retention.prune(
+            settings["backup_dir"], keep_days=policy["keep_days"], min_keep=policy["min_keep"], kind=kind
+        )
+    except PgBackupError as error:
+        raise PgBackupError(f"prune failed: {error}") from None
+    log.info(
+        "prune (%s sets, %d days, at least %d): removed %s; kept %d",
+        kind,
+        policy["keep_days"],
+        policy["min_keep"],
+        ", ".join(pruned["removed"] + pruned["leftovers_removed"]) or "nothing",
+        len(pruned["kept"]),
+    )
+
+
+def _offsite(settings: dict, _kind: str, set_path: str, outcome: dict):
+    if settings["offsite"]["target"]:
+        try:
+            copy_offsite(settings, set_path)
+        except PgBackupError as error:
+            raise PgBackupError(f"{error}; local sets are kept") from None
+        outcome["offsite_ok"] = True
+
+
+def _drive(settings: dict, _kind: str, _set_path: str, _outcome: dict):
+    if settings["external_drive"]:
+        copy_to_drive(settings)
+
+
+def main(settings_path: str, kind: str) -> int:
+    """`pgbackup run`: settings, environment and event log, then the run."""
+    if kind not in KINDS:
+        raise PgBackupError(f"unknown run kind {kind!r}; use one of {', '.join(KINDS)}")
+    settings = load_settings(settings_path)
+    # cron gives a bare PATH; rclone and the PostgreSQL tools live in these.
+    known = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join(known + [d for d in STANDARD_PATH if d not in known])
+    apply_connection_params(settings["connection"])
+    os.environ.setdefault("PGSSLMODE", DEFAULT_SSLMODE)
+    os.environ.setdefault("PGCONNECT_TIMEOUT", "15")
+    run_id = f"{datetime.datetime.now(datetime.UTC).strftime('%Y%m%dT%H%M%SZ')}-{os.getpid()}"
+    events = EventLog(settings["log_file"], run_id)
+    core = logging.getLogger("pgbackup")
+    core.addHandler(events)
+    core.setLevel(logging.INFO)
+    try:
+        return scheduled_run(settings, kind)
+    finally:
+        core.removeHandler(events)

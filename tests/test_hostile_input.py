@@ -1,0 +1,415 @@
+"""What a database, a set folder or a tool can throw at pgbackup, against a real server.
+
+Database names are hostile (a name can be a connection string), set folders are hostile
+(they can hold symbolic links, or another set's manifest), tools fail, runs are killed
+with SIGKILL, and clients are still disconnecting when a restore starts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psycopg
+import pytest
+from conftest import ROOT, connect, query, run_cli
+from pgbackup import backup, manifest, pg, physical, restore, retention
+from pgbackup.errors import CorruptError, PgBackupError, RefusedError
+from pgbackup.fsutil import hold
+from pgbackup.sets import stream_program_to_files
+
+
+class RecordingServer:
+    """A TCP listener on another loopback address that records every connection: where
+    a hostile database name would send the backup's credentials."""
+
+    def __init__(self, address="127.0.0.2"):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((address, 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.address, self.port = self.sock.getsockname()
+        self.received: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while not self._stop.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                continue
+            with client:
+                client.settimeout(1)
+                try:
+                    self.received.append(client.recv(65536) or b"<connected>")
+                except OSError:
+                    self.received.append(b"<connected>")
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def trap():
+    server = RecordingServer()
+    yield server
+    server.close()
+
+
+def hostile_names(trap):
+    return [
+        f"hostaddr={trap.address} port={trap.port} sslmode=disable",
+        f"postgresql://{trap.address}:{trap.port}/postgres?sslmode=disable",
+        "it's quoted",
+        "back\\slash \\' mixed",
+        "with space=and equals",
+        "dbname='postgres'",
+    ]
+
+
+@pytest.fixture
+def hostile_dbs(cluster, trap):
+    names = hostile_names(trap)
+    with connect() as conn:
+        for name in names:
+            conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+    for index, name in enumerate(names):
+        query(name, f"CREATE TABLE marker AS SELECT {index} AS which, %s::text AS name", (name,))
+    yield names
+    with connect() as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname = ANY(%s) OR datname LIKE 'restored_%%'", (names,)
+        )
+        for (name,) in rows.fetchall():
+            conn.execute(
+                psycopg.sql.SQL("DROP DATABASE {} WITH (FORCE)").format(psycopg.sql.Identifier(name))
+            )
+
+
+def test_database_names_are_never_connection_strings(hostile_dbs, trap, key, tmp_path):
+    record = backup.create_backup_set(str(tmp_path / "b"), key, databases=hostile_dbs)
+    assert trap.received == [], "a database name sent a connection elsewhere"
+    assert [database["name"] for database in record["databases"]] == hostile_dbs
+    restore.verify_set(record["path"], key)
+    for index, name in enumerate(hostile_dbs):
+        restore.restore_set(record["path"], key, databases=[name], target_db=f"restored_{index}")
+        assert query(f"restored_{index}", "SELECT which, name FROM marker") == [(index, name)]
+    # Restoring over the hostile names themselves (empty them first: a plain replace).
+    for name in hostile_dbs:
+        query(name, "DROP TABLE marker")
+    report = restore.restore_set(record["path"], key, databases=hostile_dbs)
+    assert [item["target"] for item in report["databases"]] == hostile_dbs
+    for index, name in enumerate(hostile_dbs):
+        assert query(name, "SELECT which, name FROM marker") == [(index, name)]
+    assert trap.received == []
+
+
+def test_database_names_through_the_cli_and_directory_format(hostile_dbs, trap, key_file, tmp_path):
+    made = run_cli(
+        "backup",
+        "--dest",
+        str(tmp_path / "b"),
+        "--key-file",
+        key_file,
+        "--format",
+        "directory",
+        "--jobs",
+        "2",
+        *[word for name in hostile_dbs[:2] for word in ("--database", name)],
+        check=True,
+    )
+    set_path = made.stdout.strip()
+    run_cli(
+        "restore",
+        set_path,
+        "--key-file",
+        key_file,
+        "--database",
+        hostile_dbs[0],
+        "--target-db",
+        "restored_cli",
+        "--globals",
+        check=True,
+    )
+    assert query("restored_cli", "SELECT name FROM marker") == [(hostile_dbs[0],)]
+    assert trap.received == []
+
+
+# ---- set folders are hostile ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_set(cluster, key, tmp_path_factory):
+    return backup.create_backup_set(str(tmp_path_factory.mktemp("small")), key, databases=["postgres"])
+
+
+def copy_of(small_set, tmp_path):
+    folder = tmp_path / "copy"
+    folder.mkdir(exist_ok=True)
+    path = folder / small_set["name"]
+    shutil.copytree(small_set["path"], path)
+    return path
+
+
+@pytest.fixture
+def victim(tmp_path):
+    """Where a planted link points: nothing may be created or opened there."""
+    folder = tmp_path / "live-data-directory"
+    folder.mkdir()
+    return folder / "standby.signal"
+
+
+@pytest.mark.parametrize("command", ["verify", "restore", "restore-base", "prune", "list"])
+def test_a_planted_lock_link_creates_nothing_where_it_points(small_set, key, tmp_path, victim, command):
+    path = copy_of(small_set, tmp_path)
+    lock = path / ".lock"
+    lock.unlink(missing_ok=True)
+    lock.symlink_to(victim)
+    if command == "verify":
+        with pytest.raises(CorruptError, match="symbolic link"):
+            restore.verify_set(str(path), key)
+    elif command == "restore":
+        with pytest.raises(CorruptError, match="symbolic link"):
+            restore.restore_set(str(path), key, databases=["postgres"], target_db="never_made")
+    elif command == "restore-base":
+        with pytest.raises(CorruptError, match="symbolic link"):
+            physical.restore_base(str(path), key, str(tmp_path / "target"))
+    else:
+        # prune and list do not follow it either: the set is reported, not used.
+        listed = {entry["name"]: entry for entry in retention.scan(str(path.parent))}
+        assert listed[path.name]["status"] == "invalid"
+        assert "symbolic link" in listed[path.name]["reason"]
+        if command == "prune":
+            report = retention.prune(str(path.parent), keep_days=0, min_keep=1)
+            assert path.name in report["invalid"]
+    assert not victim.exists()
+    assert lock.is_symlink()
+
+
+def test_a_set_folder_that_is_a_link_is_refused(small_set, key, tmp_path):
+    real = copy_of(small_set, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = elsewhere / small_set["name"]
+    link.symlink_to(real)
+    with pytest.raises(CorruptError, match="symbolic link"):
+        restore.verify_set(str(link), key)
+    listed = retention.scan(str(elsewhere))
+    assert [(entry["name"], entry["status"]) for entry in listed] == [(small_set["name"], "invalid")]
+    retention.prune(str(elsewhere), keep_days=0, min_keep=1)
+    assert real.exists() and link.is_symlink()
+
+
+@pytest.mark.parametrize("planted", ["fifo", "file-link", "device-like-dir-link"])
+def test_a_set_folder_holding_unexpected_entries_is_refused(small_set, key, tmp_path, planted):
+    path = copy_of(small_set, tmp_path)
+    if planted == "fifo":
+        os.mkfifo(path / "extra")
+    elif planted == "file-link":
+        target = path / small_set["databases"][0]["files"][0]["path"]
+        os.replace(target, tmp_path / "moved")
+        target.symlink_to(tmp_path / "moved")
+    else:
+        (path / "sub").symlink_to("/etc")
+    with pytest.raises(CorruptError, match=r"which is (not a regular file|a symbolic link)"):
+        restore.verify_set(str(path), key)
+
+
+def test_an_older_set_copied_over_a_newer_name_is_refused(cluster, key, tmp_path):
+    dest = tmp_path / "b"
+    older = backup.create_backup_set(str(dest), key, databases=["postgres"])
+    time.sleep(1.1)
+    newer = backup.create_backup_set(str(dest), key, databases=["postgres"])
+    shutil.rmtree(newer["path"])
+    shutil.copytree(older["path"], newer["path"])
+    with pytest.raises(
+        CorruptError, match=f"describes set '{older['name']}'.*not this folder '{newer['name']}'"
+    ):
+        restore.verify_set(newer["path"], key)
+    with pytest.raises(CorruptError, match="not this folder"):
+        restore.restore_set(newer["path"], key, databases=["postgres"], target_db="never_made")
+    statuses = {entry["name"]: entry["status"] for entry in retention.scan(str(dest))}
+    assert statuses == {older["name"]: "complete", newer["name"]: "invalid"}
+
+
+def test_a_logical_set_renamed_as_physical_is_refused(small_set, key, tmp_path):
+    path = copy_of(small_set, tmp_path)
+    renamed = path.parent / small_set["name"].replace("logical-", "physical-")
+    path.rename(renamed)
+    with pytest.raises(CorruptError, match="not this folder"):
+        physical.restore_base(str(renamed), key, str(tmp_path / "target"))
+
+
+# ---- tools fail with their own words -------------------------------------------------
+
+
+@pytest.fixture
+def limited_role(cluster, new_db):
+    """A role that may log in but not read one table, nor stream a base backup."""
+    database = new_db("limited")
+    with connect() as conn:
+        conn.execute("DROP ROLE IF EXISTS limited_backup")
+        conn.execute("CREATE ROLE limited_backup LOGIN PASSWORD 'limited-password'")
+    query(database, "CREATE TABLE secret AS SELECT 1 AS x; REVOKE ALL ON secret FROM PUBLIC")
+    yield {"PGUSER": "limited_backup", "PGPASSWORD": "limited-password"}, database
+    with connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        conn.execute("DROP ROLE limited_backup")
+
+
+def test_pg_dump_failure_reaches_the_user_in_its_own_words(limited_role, key_file, tmp_path):
+    env, database = limited_role
+    result = run_cli(
+        "backup", "--dest", str(tmp_path / "b"), "--key-file", key_file, "--database", database, env=env
+    )
+    assert result.returncode == 1
+    assert "pg_dump of database" in result.stderr
+    assert "permission denied for table secret" in result.stderr
+    assert "seek of closed file" not in result.stderr and "Traceback" not in result.stderr
+    assert not [name for name in os.listdir(tmp_path / "b") if not name.startswith(".")]
+
+
+def test_pg_basebackup_failure_reaches_the_user_in_its_own_words(limited_role, key_file, tmp_path):
+    env, _database = limited_role
+    result = run_cli("basebackup", "--dest", str(tmp_path / "b"), "--key-file", key_file, env=env)
+    assert result.returncode == 1
+    assert "pg_basebackup failed" in result.stderr
+    assert "must be superuser or replication role" in result.stderr
+    assert "seek of closed file" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pg_dumpall_failure_reaches_the_user_in_its_own_words(cluster, key, tmp_path):
+    argv = [
+        pg.tool("pg_dumpall"),
+        "--no-password",
+        "--globals-only",
+        f"--database={pg.dbname_conninfo('no_such_db')}",
+    ]
+    with pytest.raises(
+        PgBackupError,
+        match=r"pg_dumpall --globals-only failed: pg_dumpall: error: could not connect to database .*no_such",
+    ):
+        stream_program_to_files(
+            argv, [str(tmp_path / "globals.sql.enc")], key, 3, 1, "pg_dumpall --globals-only"
+        )
+    assert not os.listdir(tmp_path)
+
+
+# ---- plaintext left by killed runs -----------------------------------------------------
+
+
+def test_staging_of_a_killed_restore_is_removed_by_the_next_run(cluster, small_set, key_file, tmp_path):
+    """A restore killed with SIGKILL leaves its plaintext staging; the next restore (or
+    prune) removes it once no process holds it, and never one that a restore holds."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    argv = ["restore", small_set["path"], "--key-file", key_file, "--database", "postgres"]
+    argv += ["--target-db", "never_restored", "--staging-dir", str(staging), "--globals"]
+    # Hold the postgres role's row: the restore stages, then waits in its globals step.
+    with psycopg.connect(dbname="postgres") as blocker:
+        blocker.execute("ALTER ROLE postgres CONNECTION LIMIT -1")
+        killed = subprocess.Popen(
+            [sys.executable, "-m", "pgbackup", *argv],
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not query(
+            "postgres",
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'psql'",
+        ):
+            assert killed.poll() is None, killed.stderr.read()
+            time.sleep(0.05)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        blocker.rollback()
+    leftovers = [name for name in os.listdir(staging) if name.startswith(".restore-")]
+    assert len(leftovers) == 1, "the killed restore left no staging behind"
+    assert os.listdir(staging / leftovers[0]), "the staging held no plaintext"
+    # Still young: a running restore might own it, so it stays.
+    assert retention.remove_leftovers(str(staging)) == []
+    aged = time.time() - retention.LEFTOVER_GRACE_SECONDS - 1
+    os.utime(staging / leftovers[0], (aged, aged))
+    # One that a live restore holds stays too, however old.
+    held = staging / ".restore-held"
+    held.mkdir()
+    os.utime(held, (aged, aged))
+    with hold(str(held), exclusive=True, wait=False, what="a running restore"):
+        argv[argv.index("never_restored")] = "restored_after_kill"
+        result = run_cli("--verbose", *argv)
+        assert result.returncode == 0, result.stderr
+        assert (
+            f"removed {leftovers[0]}" in result.stderr
+            and "left by a restore that was killed" in result.stderr
+        )
+        assert sorted(os.listdir(staging)) == [".restore-held"]
+    query("postgres", 'DROP DATABASE IF EXISTS "restored_after_kill"')
+
+
+def cli_env():
+    return {**os.environ, "PYTHONPATH": os.path.join(ROOT, "module_utils")}
+
+
+def test_prune_removes_abandoned_leftovers_of_every_kind(cluster, small_set, key, tmp_path):
+    dest = copy_of(small_set, tmp_path).parent
+    aged = time.time() - retention.LEFTOVER_GRACE_SECONDS - 1
+    for name in (
+        ".partial-logical-20260101T000000Z",
+        ".restore-abc",
+        ".deleting-logical-x",
+        ".restore-young",
+    ):
+        (dest / name).mkdir()
+        (dest / name / "plaintext.dump").write_bytes(b"rows")
+        if name != ".restore-young":
+            os.utime(dest / name, (aged, aged))
+    report = retention.prune(str(dest), keep_days=30, min_keep=1)
+    assert sorted(report["leftovers_removed"]) == [
+        ".deleting-logical-x",
+        ".partial-logical-20260101T000000Z",
+        ".restore-abc",
+    ]
+    assert sorted(name for name in os.listdir(dest) if name.startswith(".")) == [".restore-young"]
+
+
+# ---- clients that are still leaving ---------------------------------------------------
+
+
+@pytest.fixture
+def emptied_target(cluster, small_set, new_db):
+    return new_db("leaving")
+
+
+def test_a_session_that_is_ending_does_not_block_the_restore(small_set, key, emptied_target):
+    conn = psycopg.connect(dbname=emptied_target, autocommit=True, application_name="closing-soon")
+    closer = threading.Timer(1.0, conn.close)
+    closer.start()
+    try:
+        report = restore.restore_set(small_set["path"], key, databases=["postgres"], target_db=emptied_target)
+    finally:
+        closer.join()
+    assert report["databases"][0]["target"] == emptied_target
+
+
+def test_a_session_that_stays_is_named_in_the_refusal(small_set, key, emptied_target, monkeypatch):
+    monkeypatch.setattr(pg, "SESSION_GRACE_SECONDS", 0.5)
+    with psycopg.connect(dbname=emptied_target, autocommit=True, application_name="streaming-api"):
+        started = time.monotonic()
+        with pytest.raises(
+            RefusedError, match=r"in use by 1 session\(s\): pid \d+ \(streaming-api, 127\.0\.0\.1\)"
+        ):
+            restore.restore_set(small_set["path"], key, databases=["postgres"], target_db=emptied_target)
+        assert time.monotonic() - started < 10
+    assert manifest.SET_NAME.match(small_set["name"])

@@ -1,0 +1,233 @@
+"""`pgbackup run`, the scheduled run, as cron calls it: a real PostgreSQL, real rclone.
+
+The off-site remote is an rclone `local` remote (a folder standing in for Drive); a dead
+remote is an sftp remote on a loopback port nobody listens on.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import stat
+
+import pytest
+from conftest import run_cli
+from pgbackup import retention
+from pgcluster import free_port
+
+
+@pytest.fixture
+def site(cluster, key_file, tmp_path):
+    """A host's layout: backup dir (0700), log, metrics, rclone config, settings."""
+    backups = tmp_path / "backups"
+    backups.mkdir(mode=0o700)
+    (tmp_path / "metrics").mkdir()
+    remote = tmp_path / "remote"
+    rclone_config = tmp_path / "rclone.conf"
+    rclone_config.write_text(
+        f"[offsite]\ntype = local\n\n[dead]\ntype = sftp\nhost = 127.0.0.1\nport = {free_port()}\n"
+        "user = nobody\nkey_file = /nonexistent\n"
+    )
+    settings = {
+        "connection": {
+            "login_host": "127.0.0.1",
+            "login_port": cluster["port"],
+            "login_user": "postgres",
+            "passfile": cluster["env"]["PGPASSFILE"],
+            "ssl_mode": "verify-full",
+            "ssl_rootcert": cluster["env"]["PGSSLROOTCERT"],
+        },
+        "backup_dir": str(backups),
+        "key_file": key_file,
+        "logical": {"databases": ["postgres"], "keep_days": 30, "min_keep": 2},
+        "offsite": {"target": f"offsite:{remote}", "keep_days": 90, "rclone_config": str(rclone_config)},
+        "log_file": str(tmp_path / "pgbackup.log"),
+        "metrics_dir": str(tmp_path / "metrics"),
+    }
+    path = tmp_path / "run.json"
+
+    def write(**changes):
+        merged = json.loads(json.dumps(settings))
+        for name, value in changes.items():
+            if isinstance(value, dict):
+                merged.setdefault(name, {}).update(value)
+            else:
+                merged[name] = value
+        path.write_text(json.dumps(merged))
+        return merged
+
+    write()
+    return {"dir": tmp_path, "backups": backups, "remote": remote, "settings": path, "write": write}
+
+
+def run(site, kind="logical"):
+    # cron's environment: no libpq variables, only the settings file.
+    env = {name: "" for name in ("PGHOST", "PGPORT", "PGUSER", "PGPASSFILE", "PGSSLMODE", "PGSSLROOTCERT")}
+    return run_cli("run", kind, "--settings", str(site["settings"]), env=env)
+
+
+def log_text(site):
+    return (site["dir"] / "pgbackup.log").read_text()
+
+
+def metrics(site, kind="logical"):
+    name = "pgbackup" if kind == "logical" else f"pgbackup_{kind}"
+    text = (site["dir"] / "metrics" / f"{name}.prom").read_text()
+    return {key: float(value) for key, value in re.findall(rf"^({name}_\w+) (\S+)$", text, re.MULTILINE)}
+
+
+def complete(site, kind="logical"):
+    return [
+        entry
+        for entry in retention.scan(str(site["backups"]))
+        if entry["status"] == "complete" and entry["kind"] == kind
+    ]
+
+
+def files_of(folder):
+    return sorted(
+        os.path.relpath(os.path.join(root, name), folder)
+        for root, _dirs, names in os.walk(folder)
+        for name in names
+    )
+
+
+def test_a_run_backs_up_verifies_prunes_copies_and_reports(site, key_file):
+    result = run(site)
+    assert result.returncode == 0, (result.stderr, log_text(site))
+    (made,) = complete(site)
+    # Off-site: the set and nothing that is not a set (no lock files, no run lock).
+    assert files_of(site["remote"]) == [
+        f"{made['name']}/{name}" for name in files_of(made["path"]) if name != ".lock"
+    ]
+    assert run_cli("verify", str(site["remote"] / made["name"]), "--key-file", key_file).returncode == 0
+    log = log_text(site)
+    for event in (
+        "logical run started",
+        "backup written",
+        "verify passed",
+        "prune (logical",
+        "off-site copy",
+        "run finished:",
+    ):
+        assert event in log, event
+    assert all(
+        re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ pgbackup-run\[\S+\] (INFO|WARNING|ERR) ", line)
+        for line in log.splitlines()
+    )
+    values = metrics(site)
+    assert values["pgbackup_last_run_status"] == 0
+    assert values["pgbackup_last_success_timestamp_seconds"] > 0
+    assert values["pgbackup_offsite_last_success_timestamp_seconds"] > 0
+    assert values["pgbackup_last_backup_size_bytes"] == made["total_size"]
+    metrics_file = site["dir"] / "metrics" / "pgbackup.prom"
+    assert stat.S_IMODE(metrics_file.stat().st_mode) == 0o644  # the exporter runs as another user
+    assert stat.S_IMODE(os.stat(site["backups"] / ".run.lock").st_mode) == 0o600
+
+
+def test_a_physical_run_prunes_only_physical_sets(site):
+    assert run(site).returncode == 0
+    assert run(site).returncode == 0
+    site["write"](physical={"keep_days": 0, "min_keep": 1})
+    for _ in range(2):
+        result = run(site, "physical")
+        assert result.returncode == 0, log_text(site)
+    assert len(complete(site, "physical")) == 1, "physical retention keeps 1"
+    assert len(complete(site, "logical")) == 2, "a physical run must not prune dumps"
+    assert metrics(site, "physical")["pgbackup_physical_last_run_status"] == 0
+
+
+def test_not_this_nodes_turn_is_a_skip_not_a_failure(site):
+    site["write"](run_on="replica")
+    result = run(site)
+    assert result.returncode == 0
+    assert "this node is the primary; a replica runs the backup" in log_text(site)
+    assert metrics(site)["pgbackup_last_run_status"] == 2
+    assert complete(site) == []
+
+
+def test_a_dead_server_fails_loudly(site):
+    site["write"](connection={"login_port": free_port()})
+    result = run(site)
+    assert result.returncode == 1
+    assert "cannot tell whether this node should run the backup (server unreachable)" in log_text(site)
+    assert metrics(site)["pgbackup_last_run_status"] == 1
+
+
+def test_a_held_lock_is_a_visible_failure(site):
+    assert run(site).returncode == 0
+    before = metrics(site)
+    lock = os.open(site["backups"] / ".run.lock", os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.pwrite(lock, b"pid 4242 on elsewhere since 2026-11-28T02:00:00Z\n", 0)
+        result = run(site)
+    finally:
+        os.close(lock)
+    assert result.returncode == 75
+    assert re.search(
+        r" ERR another backup run holds \S+/\.run\.lock \(pid 4242 on elsewhere since", log_text(site)
+    )
+    after = metrics(site)
+    assert after["pgbackup_last_run_status"] == 1
+    assert (
+        after["pgbackup_last_success_timestamp_seconds"] == before["pgbackup_last_success_timestamp_seconds"]
+    )
+    assert len(complete(site)) == 1
+
+
+def test_a_lock_anyone_could_hold_is_refused(site, tmp_path):
+    shared = tmp_path / "shared-lock-dir"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    site["write"](lock_file=str(shared / "pgbackup.lock"))
+    result = run(site)
+    assert result.returncode == 1
+    assert "writable by other users" in result.stderr
+    assert complete(site) == []
+
+
+def test_a_dead_remote_fails_the_run_but_keeps_every_set(site, key_file):
+    assert run(site).returncode == 0
+    before = metrics(site)
+    site["write"](offsite={"target": "dead:backups"})
+    result = run(site)
+    assert result.returncode == 1
+    sets = complete(site)
+    assert len(sets) == 2
+    assert run_cli("verify", sets[0]["path"], "--key-file", key_file).returncode == 0
+    assert re.search(r" ERR off-site copy to dead:backups failed: .*; local sets are kept", log_text(site))
+    after = metrics(site)
+    assert after["pgbackup_last_run_status"] == 1
+    assert (
+        after["pgbackup_offsite_last_success_timestamp_seconds"]
+        == before["pgbackup_offsite_last_success_timestamp_seconds"]
+    )
+
+
+def test_the_external_drive_is_skipped_unmounted_and_filled_when_mounted(site, tiny_disk, tmp_path, new_db):
+    unmounted = tmp_path / "not-a-mount"
+    unmounted.mkdir()
+    small = new_db("drive")  # the drive is a 256 KiB tmpfs
+    site["write"](external_drive=str(unmounted), logical={"databases": [small]})
+    assert run(site).returncode == 0
+    assert f"external drive copy skipped: {unmounted} is not mounted" in log_text(site)
+    site["write"](external_drive=str(tiny_disk), logical={"databases": [small]})
+    assert run(site).returncode == 0, log_text(site)
+    assert f"external drive copy to {tiny_disk} done" in log_text(site)
+    newest = complete(site)[0]
+    assert files_of(tiny_disk / "postgresql" / newest["name"]) == [
+        name for name in files_of(newest["path"]) if name != ".lock"
+    ]
+
+
+def test_a_misspelt_setting_is_an_error_not_ignored(site):
+    site["write"](logical={"keep_dayz": 3})
+    result = run(site)
+    assert result.returncode == 1
+    assert "unknown setting(s) logical.keep_dayz" in result.stderr
+    site["write"](connection={"login_password": "secret"})
+    result = run(site)
+    assert "unknown connection setting(s) login_password" in result.stderr
