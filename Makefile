@@ -13,13 +13,14 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 PLAYBOOKS := site.yml $(wildcard playbooks/*.yml)
 SCENARIOS := $(filter-out _shared lab,$(notdir $(wildcard molecule/*)))
 
-.PHONY: help deps venv docker image prepare lint unit molecule test lab lab-destroy bench clean
+.PHONY: help deps venv docker image prepare lint unit molecule test lab lab-destroy bench keygen clean
 
 help:
 	@echo "make test         every test: lint, unit, molecule (installs what it needs)"
 	@echo "make lab          provision the container lab with site.yml"
 	@echo "make lab-destroy  remove the lab containers"
 	@echo "make lint|unit|molecule  one stage; make bench  the benchmarks"
+	@echo "make keygen KEY=path  a new backup key (mode 0600) for the vault"
 
 deps:
 	@scripts/install-deps.sh
@@ -66,6 +67,11 @@ lab-destroy: venv
 
 bench: deps venv
 	$(BIN)/python bench/backup_bench.py
+
+# A new backup key on the controller, for the vault: make keygen KEY=backup.key
+keygen: venv
+	@test -n "$(KEY)" || { echo "usage: make keygen KEY=path/to/new.key"; exit 2; }
+	@PYTHONPATH=module_utils $(BIN)/python -m pgbackup keygen --key-file "$(KEY)"
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

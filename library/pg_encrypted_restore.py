@@ -53,6 +53,12 @@ options:
   login_host:
     description: Server host (C(PGHOST)).
     type: str
+  login_hostaddr:
+    description:
+      - IP address to connect to (C(PGHOSTADDR)); O(login_host) is then only the name the server
+        certificate is checked against. Lets a host reach itself over loopback with a certificate
+        issued for its real name.
+    type: str
   login_port:
     description: Server port (C(PGPORT)).
     type: int

@@ -121,6 +121,26 @@ def run_cli(*args, check=False, env=None, timeout=300, stdin=None, stdout=subpro
     return result
 
 
+def run_ansible(tool: str, *args, env=None, timeout=120):
+    """Run one of the venv's Ansible programs (ansible, ansible-playbook, ansible-vault)
+    from the repository with its ansible.cfg, as a user at the controller would.
+    env adds variables; a value of None removes one."""
+    full_env = dict(os.environ, ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    for name, value in (env or {}).items():
+        if value is None:
+            full_env.pop(name, None)
+        else:
+            full_env[name] = value
+    return subprocess.run(  # noqa: PLW1510 - callers check the exit code
+        [os.path.join(os.path.dirname(sys.executable), tool), *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
 def seed_rich_database(dbname: str):
     """Several schemas, large objects, unicode, an extra role with grants."""
     with connect() as conn:

@@ -27,7 +27,7 @@ def as_cluster_owner(argv, **kwargs):
     return subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
 
 
-def write_ca_and_server_certificate(folder: str) -> dict:
+def write_ca_and_server_certificate(folder: str, ca_name: str = "pgbackup test CA") -> dict:
     """A throwaway CA and a server certificate it issued for localhost and 127.0.0.1, so
     clients connect as on a real host: sslmode=verify-full against the CA, not against
     a self-signed server certificate."""
@@ -54,12 +54,10 @@ def write_ca_and_server_certificate(folder: str) -> dict:
         return builder.sign(signing_key, hashes.SHA256())
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("pgbackup test CA", "pgbackup test CA", ca_key.public_key(), ca_key, ca=True)
+    ca = certificate(ca_name, ca_name, ca_key.public_key(), ca_key, ca=True)
     server_key = ec.generate_private_key(ec.SECP256R1())
     names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    server = certificate(
-        "localhost", "pgbackup test CA", server_key.public_key(), ca_key, ca=False, names=names
-    )
+    server = certificate("localhost", ca_name, server_key.public_key(), ca_key, ca=False, names=names)
     paths = {name: os.path.join(folder, name) for name in ("ca.crt", "server.crt", "server.key")}
     pem = serialization.Encoding.PEM
     with open(paths["ca.crt"], "wb") as handle:
@@ -156,7 +154,8 @@ class TempCluster:
             ]
         )
         with open(self.passfile, "w") as handle:
-            handle.write(f"127.0.0.1:{self.port}:*:postgres:{self.password}\n")
+            # Any host name: clients may name the server as its certificate does.
+            handle.write(f"*:{self.port}:*:postgres:{self.password}\n")
         os.chmod(self.passfile, 0o600)
         self.env = {
             "PGHOST": "127.0.0.1",

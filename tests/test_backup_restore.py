@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -355,7 +356,9 @@ def test_cli_backup_verify_restore(rich_db, key_file, tmp_path):
     )
     path = json.loads(made.stdout)["path"]
     verified = run_cli("verify", path, "--key-file", key_file, check=True)
-    assert verified.stdout.strip().endswith("bytes)") and ": OK" in verified.stdout
+    assert re.search(
+        r": OK \(2 files, \d+ bytes encrypted, \d+ bytes of dump data\)$", verified.stdout.strip()
+    )
     refused = run_cli("restore", path, "--key-file", key_file, "--database", rich_db)
     assert refused.returncode == 3
     assert refused.stderr.startswith("pgbackup: refused: database") and refused.stderr.count("\n") == 1

@@ -4,43 +4,27 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, fingerprint, query, seed_rich_database
+from conftest import ROOT, fingerprint, query, run_ansible, seed_rich_database
 from pgbackup import retention
-
-ANSIBLE = os.path.join(os.path.dirname(sys.executable), "ansible")
 
 
 def ansible(module: str, args: dict, check: bool = False, verbose: bool = False):
     """Run one module on localhost with the project's ansible.cfg; return its result."""
-    env = dict(
-        os.environ,
-        ANSIBLE_CONFIG=os.path.join(ROOT, "ansible.cfg"),
-        ANSIBLE_STDOUT_CALLBACK="json",
-        ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
-        ANSIBLE_PYTHON_INTERPRETER=sys.executable,
-    )
-    argv = [
-        ANSIBLE if os.path.exists(ANSIBLE) else "ansible",
-        "localhost",
-        "-i",
-        "localhost,",
-        "-c",
-        "local",
-        "-m",
-        module,
-        "-a",
-        json.dumps(args),
-    ]
-    if check:
-        argv.append("--check")
-    if verbose:
-        argv.append("-vvv")
-    completed = subprocess.run(
-        argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False
+    argv = ["localhost", "-i", "localhost,", "-c", "local", "-m", module, "-a", json.dumps(args)]
+    argv += ["--check"] if check else []
+    argv += ["-vvv"] if verbose else []
+    completed = run_ansible(
+        "ansible",
+        *argv,
+        env={
+            "ANSIBLE_STDOUT_CALLBACK": "json",
+            "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
+            "ANSIBLE_PYTHON_INTERPRETER": sys.executable,
+        },
+        timeout=300,
     )
     try:
         output = json.loads(completed.stdout)

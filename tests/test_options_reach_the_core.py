@@ -36,6 +36,9 @@ CORE_CALLS = [
     (retention, "scan"),
     (retention, "prune"),
     (run, "main"),
+    (run, "check"),
+    (restore, "kept_databases"),
+    (restore, "drop_kept"),
     (crypto, "generate_key_file"),
     (crypto, "encrypt_stream"),
     (crypto, "decrypt_stream"),
@@ -82,7 +85,7 @@ def sentinel_for_action(action: argparse.Action):
     if action.choices:
         value = next(choice for choice in action.choices if choice != action.default)
         return [value], value, repr(value)
-    if action.type in (int, cli._positive):
+    if action.type in (int, float, cli._positive):
         number = next(counter)
         return [str(number)], number, str(number)
     text = f"/sentinel/{action.dest}-{next(counter)}"
@@ -162,15 +165,9 @@ def sentinel_for_option(name, option):
     return text, text
 
 
-CONNECTION_ENV = {
-    "login_host": "PGHOST",
-    "login_port": "PGPORT",
-    "login_user": "PGUSER",
-    "login_password": "PGPASSWORD",
-    "passfile": "PGPASSFILE",
-    "ssl_mode": "PGSSLMODE",
-    "ssl_rootcert": "PGSSLROOTCERT",
-}
+# Connection options reach libpq through the environment; an option missing from this
+# map is treated as a core option above, and fails there if it is dropped.
+CONNECTION_ENV = connection._LIBPQ_ENVIRONMENT
 
 
 @pytest.mark.parametrize("name", ["pg_encrypted_dump", "pg_encrypted_restore", "backup_retention"])

@@ -168,41 +168,28 @@ def check_kind_pruned(dest, mixed, kind, keep_days, min_keep, removed, before):
     assert set(names(dest)) == set(before) - set(expected), f"pruning {kind} sets touched other sets"
 
 
+def cli_prune(dest, kind, keep_days, min_keep) -> dict:
+    argv = [
+        "prune",
+        "--dest",
+        str(dest),
+        "--kind",
+        kind,
+        "--keep-days",
+        str(keep_days),
+        "--min-keep",
+        str(min_keep),
+    ]
+    return json.loads(run_cli(*argv, "--json", check=True).stdout)
+
+
 def test_cli_prune_applies_each_kind_policy_to_that_kind_only(dest, mixed):
     """The weekly physical run's policy (28 days, keep 2) must never reach the dumps."""
     before = names(dest)
-    physical = json.loads(
-        run_cli(
-            "prune",
-            "--dest",
-            str(dest),
-            "--kind",
-            "physical",
-            "--keep-days",
-            "28",
-            "--min-keep",
-            "2",
-            "--json",
-            check=True,
-        ).stdout
-    )
+    physical = cli_prune(dest, "physical", 28, 2)
     check_kind_pruned(dest, mixed, "physical", 28, 2, physical["removed"], before)
     before = names(dest)
-    logical = json.loads(
-        run_cli(
-            "prune",
-            "--dest",
-            str(dest),
-            "--kind",
-            "logical",
-            "--keep-days",
-            "30",
-            "--min-keep",
-            "7",
-            "--json",
-            check=True,
-        ).stdout
-    )
+    logical = cli_prune(dest, "logical", 30, 7)
     check_kind_pruned(dest, mixed, "logical", 30, 7, logical["removed"], before)
     assert mixed["logical"][29.5] in names(dest), "a 29.5-day-old dump is inside 30 days"
 

@@ -6,6 +6,7 @@ remote is an sftp remote on a loopback port nobody listens on.
 
 from __future__ import annotations
 
+import datetime
 import fcntl
 import json
 import os
@@ -14,7 +15,8 @@ import stat
 
 import pytest
 from conftest import run_cli
-from pgbackup import retention
+from pgbackup import manifest, retention
+from pgbackup import run as scheduled
 from pgcluster import free_port
 
 
@@ -231,3 +233,76 @@ def test_a_misspelt_setting_is_an_error_not_ignored(site):
     site["write"](connection={"login_password": "secret"})
     result = run(site)
     assert "unknown connection setting(s) login_password" in result.stderr
+
+
+def check(site, *extra):
+    env = {name: "" for name in ("PGHOST", "PGPORT", "PGUSER", "PGPASSFILE", "PGSSLMODE", "PGSSLROOTCERT")}
+    return run_cli("check", "--settings", str(site["settings"]), *extra, env=env)
+
+
+def test_check_connects_as_the_run_will(site):
+    result = check(site, "--replication")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("connected as postgres over TLS to PostgreSQL 15")
+    assert result.stdout.strip().endswith("replication connection accepted")
+
+
+def test_check_connects_by_the_certificates_name_over_loopback(site):
+    """A certificate issued for the host's name, the connection over 127.0.0.1: libpq
+    checks `host` against the certificate and connects to `hostaddr`."""
+    site["write"](connection={"login_host": "localhost", "login_hostaddr": "127.0.0.1"})
+    assert check(site, "--replication").returncode == 0
+    site["write"](connection={"login_host": "db1.example.internal", "login_hostaddr": "127.0.0.1"})
+    result = check(site)
+    assert result.returncode == 1
+    assert "backup_pg_host must be a name the server certificate carries" in result.stderr
+
+
+def test_check_names_the_setting_behind_a_certificate_failure(site, tmp_path):
+    from pgcluster import write_ca_and_server_certificate
+
+    other = tmp_path / "other-ca"
+    other.mkdir()
+    foreign = write_ca_and_server_certificate(str(other), ca_name="another CA")["ca.crt"]
+    site["write"](connection={"ssl_rootcert": foreign})
+    result = check(site)
+    assert result.returncode == 1
+    assert "certificate verify failed" in result.stderr
+    assert "backup_pg_ssl_rootcert must be the CA that issued the server certificate" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def remote_sets(site):
+    return sorted(name for name in os.listdir(site["remote"]) if not name.startswith("."))
+
+
+def test_offsite_retention_keeps_the_newest_and_never_copies_back(site, key):
+    from test_retention import make_set
+
+    site["write"](logical={"keep_days": 400, "min_keep": 2}, physical={"min_keep": 1})
+    ages = {age: make_set(site["backups"], key, age) for age in (1, 50, 100, 120)}
+    old_base = make_set(site["backups"], key, 100, kind="physical")
+    assert run(site).returncode == 0, log_text(site)
+    newest = complete(site)[0]["name"]
+    # Off-site keeps 90 days, and at least 2 dumps and 1 base backup of any age.
+    assert remote_sets(site) == sorted([newest, ages[1], ages[50], old_base])
+    # A shorter off-site limit: the 50-day set goes there, and stays gone, while the
+    # host still keeps it (400 days locally).
+    site["write"](
+        logical={"keep_days": 400, "min_keep": 2}, physical={"min_keep": 1}, offsite={"keep_days": 30}
+    )
+    for _ in range(2):
+        assert run(site).returncode == 0, log_text(site)
+        assert ages[50] not in remote_sets(site)
+        assert ages[50] in [entry["name"] for entry in complete(site)]
+    assert "off-site retention: removed" in log_text(site)
+
+
+def test_offsite_retention_never_empties_the_remote_when_everything_is_old():
+    now = manifest.utc_now()
+    names = [manifest.set_name("logical", now - datetime.timedelta(days=days)) for days in (100, 120, 150)]
+    settings = {"offsite": {"keep_days": 30}, "logical": {"min_keep": 2}, "physical": {"min_keep": 2}}
+    assert scheduled.offsite_keeps(names, settings, now) == set(names[:2])
+    assert scheduled.offsite_keeps([*names, "not-a-set", ".partial-x"], settings, now) == set(names[:2])
+    settings["offsite"]["keep_days"] = 0
+    assert scheduled.offsite_keeps(names, settings, now) == set(names)

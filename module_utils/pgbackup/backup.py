@@ -16,6 +16,7 @@ from . import manifest, pg
 from .crypto import Key
 from .errors import PgBackupError
 from .fsutil import fsync_dir
+from .restore import KEPT_NAME
 from .sets import build_set, encrypt_file, stream_program_to_files
 
 log = logging.getLogger("pgbackup")
@@ -28,12 +29,12 @@ def _safe_name(name: str) -> str:
 
 
 def _dump_directory(
-    database: str, staging: str, target_dir: str, key: Key, level: int, threads: int, jobs: int
+    database: str, staging: str, target_dir: str, key: Key, level: int, threads: int, jobs: int, major: int
 ) -> list[dict]:
     """pg_dump -Fd -j N into a private staging folder, then encrypt file by file."""
     pg.run_tool(
         [
-            pg.tool("pg_dump"),
+            pg.tool("pg_dump", major),
             "--no-password",
             "--format=directory",
             f"--jobs={jobs}",
@@ -63,6 +64,10 @@ def plan(databases: list[str] | None = None) -> dict:
     with pg.connect() as conn:
         server = pg.server_info(conn)
         available = pg.list_databases(conn)
+    if databases is None:
+        # Databases an earlier restore --force kept aside are not backed up again by
+        # default; name one with --database to include it.
+        available = [database for database in available if not KEPT_NAME.search(database["name"])]
     return {"server": server, "databases": manifest.select_databases(available, databases, "on the server")}
 
 
@@ -84,6 +89,7 @@ def create_backup_set(
         raise PgBackupError("parallel dumps (--jobs > 1) need --format directory")
     planned = plan(databases)
     server, selected = planned["server"], planned["databases"]
+    major = pg.major_of(server["version_num"])
     level = compression_level
 
     def fill(folder: str, record: dict):
@@ -91,7 +97,7 @@ def create_backup_set(
         # Only a superuser can read password hashes; others dump roles without them.
         record["role_passwords"] = server["superuser"]
         globals_argv = [
-            pg.tool("pg_dumpall"),
+            pg.tool("pg_dumpall", major),
             "--no-password",
             "--globals-only",
             f"--database={pg.dbname_conninfo(pg.MAINTENANCE_DB)}",
@@ -115,7 +121,7 @@ def create_backup_set(
                 path = f"{stem}.dump.enc"
                 (entry,), _ = stream_program_to_files(
                     [
-                        pg.tool("pg_dump"),
+                        pg.tool("pg_dump", major),
                         "--no-password",
                         "--format=custom",
                         "--compress=0",
@@ -137,6 +143,7 @@ def create_backup_set(
                     level,
                     threads,
                     jobs,
+                    major,
                 )
             record["databases"].append({**database, "format": dump_format, "files": files})
             log.info("database %s dumped: %d bytes", database["name"], sum(f["size"] for f in files))

@@ -88,7 +88,10 @@ def cmd_verify(args):
     key = crypto.load_key(args.key_file)
     report = restore.verify_set(args.set, key)
     _print(
-        report, args.json, f"{report['set']}: OK ({report['files']} files, {report['plaintext_bytes']} bytes)"
+        report,
+        args.json,
+        f"{report['set']}: OK ({report['files']} files, {report['encrypted_bytes']} bytes encrypted, "
+        f"{report['plaintext_bytes']} bytes of dump data)",
     )
 
 
@@ -117,13 +120,41 @@ def cmd_list(args):
     human = "\n".join(
         f"{entry['name']}  {entry['status']}"
         + (
-            f"  {entry['started_at']}  {entry['total_size']} bytes  {','.join(entry['databases'])}"
+            f"  {entry['started_at']}  {entry['total_size']} bytes encrypted  {','.join(entry['databases'])}"
             if entry["status"] == "complete"
             else f"  {entry.get('reason', '')}".rstrip()
         )
         for entry in sets
     )
     _print(sets, args.json, human or f"no backup sets in {args.dest}")
+    if not args.json:
+        print(_kept_summary())
+
+
+def _kept_summary() -> str:
+    """The databases restore --force kept aside, if the server can be asked."""
+    try:
+        kept = restore.kept_databases()
+    except PgBackupError as error:
+        return f"(databases kept by restore --force: unknown, {error})"
+    if not kept:
+        return "no databases kept by restore --force"
+    rows = "\n".join(
+        f"  {entry['name']}  kept {entry['kept_at']} ({entry['age_days']} days)" for entry in kept
+    )
+    return f"databases kept by restore --force (drop with `pgbackup kept --drop ...`):\n{rows}"
+
+
+def cmd_kept(args):
+    if args.database is None and args.drop_older_than is None:
+        kept = restore.kept_databases()
+        _print(kept, args.json, _kept_summary())
+        return
+    dropped = restore.drop_kept(args.database, args.drop_older_than, dry_run=args.dry_run)
+    verb = "would drop" if args.dry_run else "dropped"
+    _print(
+        {"dropped": dropped, "dry_run": args.dry_run}, args.json, f"{verb}: {', '.join(dropped) or 'nothing'}"
+    )
 
 
 def cmd_prune(args):
@@ -139,7 +170,22 @@ def cmd_prune(args):
 
 
 def cmd_run(args):
-    return run.main(args.settings, args.kind)
+    summary = {}
+    code = run.main(args.settings, args.kind, summary)
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    return code
+
+
+def cmd_check(args):
+    report = run.check(args.settings, args.replication)
+    _print(
+        report,
+        args.json,
+        f"connected as {report['user']} over {'TLS' if report['tls'] else 'a Unix socket'} to PostgreSQL "
+        f"{report['server_version']}"
+        + ("; replication connection accepted" if report["replication"] else ""),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per option
@@ -155,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
 
     def key_option(sub):
         sub.add_argument("--key-file", required=True, help="file holding the 256-bit key (hex)")
+
+    def settings_option(sub):
+        sub.add_argument(
+            "--settings",
+            default=os.environ.get("PGBACKUP_SETTINGS", run.DEFAULT_SETTINGS_FILE),
+            help=f"the run's settings (JSON; default $PGBACKUP_SETTINGS or {run.DEFAULT_SETTINGS_FILE})",
+        )
 
     def compression_options(sub):
         sub.add_argument(
@@ -241,17 +294,27 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     sub.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     sub.add_argument("--json", action="store_true")
 
+    sub = command("check", cmd_check, "connect as the scheduled run will, and say what is wrong")
+    settings_option(sub)
+    sub.add_argument("--replication", action="store_true", help="also open a replication connection")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("kept", cmd_kept, "list, or drop, the databases restore --force kept aside")
+    sub.add_argument("--database", action="append", help="drop this kept database (repeat)")
+    sub.add_argument(
+        "--drop-older-than", type=float, metavar="DAYS", help="drop kept databases this old or older"
+    )
+    sub.add_argument("--dry-run", action="store_true", help="say what would be dropped, drop nothing")
+    sub.add_argument("--json", action="store_true")
+
     sub = command(
         "run",
         cmd_run,
         "the scheduled run (cron): lock, node check, backup, verify, prune, copies, metrics",
     )
     sub.add_argument("kind", nargs="?", choices=run.KINDS, default="logical", help="default logical")
-    sub.add_argument(
-        "--settings",
-        default=os.environ.get("PGBACKUP_SETTINGS", run.DEFAULT_SETTINGS_FILE),
-        help=f"the run's settings (JSON; default $PGBACKUP_SETTINGS or {run.DEFAULT_SETTINGS_FILE})",
-    )
+    settings_option(sub)
+    sub.add_argument("--json", action="store_true", help="print what the run did (the log has every step)")
     return parser
 
 

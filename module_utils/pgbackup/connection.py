@@ -14,6 +14,7 @@ DEFAULT_SSLMODE = "verify-full"
 
 CONNECTION_ARGUMENT_SPEC = {
     "login_host": {"type": "str"},
+    "login_hostaddr": {"type": "str"},
     "login_port": {"type": "int"},
     "login_user": {"type": "str"},
     "login_password": {"type": "str", "no_log": True},
@@ -36,6 +37,7 @@ KEY_REQUIRED_ONE_OF = [["key_file", "key"]]
 
 _LIBPQ_ENVIRONMENT = {
     "login_host": "PGHOST",
+    "login_hostaddr": "PGHOSTADDR",
     "login_port": "PGPORT",
     "login_user": "PGUSER",
     "login_password": "PGPASSWORD",

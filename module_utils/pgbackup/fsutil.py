@@ -7,11 +7,12 @@ import errno
 import fcntl
 import json
 import os
+import pwd
 import shutil
 import stat
 import time
 
-from .errors import BusyError, CorruptError, PgBackupError
+from .errors import BusyError, CorruptError, PgBackupError, RefusedError
 
 LOCK_NAME = ".lock"
 
@@ -58,6 +59,29 @@ def require_free_space(path: str, needed: int, purpose: str):
         raise PgBackupError(
             f"not enough free space in {path} {purpose}: need {needed} bytes, have {available}"
         )
+
+
+def require_owner(path: str, doing: str):
+    """Refuse to write into a folder that belongs to another user: a backup made as root
+    in the postgres user's backup directory works once, then every later run as postgres
+    fails on the root-owned set, lock and metrics ("permission denied" each night)."""
+    try:
+        owner_uid = os.stat(path).st_uid
+    except FileNotFoundError:
+        return
+    if owner_uid != os.geteuid():
+        owner, me = _user_name(owner_uid), _user_name(os.geteuid())
+        raise RefusedError(
+            f"{path} belongs to {owner}, and this is {me}: {doing} as {owner} "
+            f"(runuser -u {owner} -- pgbackup ...), or files made now would break later runs"
+        )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def remove_tree(path: str):

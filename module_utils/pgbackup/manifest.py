@@ -40,6 +40,11 @@ def set_name(kind: str, moment: datetime.datetime) -> str:
     return f"{kind}-{moment.astimezone(datetime.UTC).strftime('%Y%m%dT%H%M%SZ')}"
 
 
+def time_of(name: str) -> datetime.datetime:
+    """The start time a set's name carries (`kind-20261125T020000Z[-N]`)."""
+    return datetime.datetime.strptime(name.split("-")[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
+
+
 def sequence(name: str) -> int:
     """Order of sets started in the same second: `kind-time` is 1, `kind-time-N` is N."""
     match = SET_NAME.match(name)

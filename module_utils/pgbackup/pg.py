@@ -20,6 +20,8 @@ from .errors import PgBackupError
 MAINTENANCE_DB = "postgres"
 # Where to stand while dropping or renaming the maintenance database itself.
 FALLBACK_MAINTENANCE_DB = "template1"
+# Where Debian installs each major version's programs.
+DEBIAN_PG_ROOT = "/usr/lib/postgresql"
 # Pipe size asked for programs whose output or input streams through us.
 PIPE_BYTES = 1 << 20
 # How long a restore waits for sessions that are ending before it calls a database in use.
@@ -43,13 +45,42 @@ def admin_db_for(target: str) -> str:
     return FALLBACK_MAINTENANCE_DB if target == MAINTENANCE_DB else MAINTENANCE_DB
 
 
-def tool(name: str) -> str:
-    """Path of a PostgreSQL client program: PGBACKUP_PG_BIN if set, else PATH."""
+def tool(name: str, major: int | None = None) -> str:
+    """Path of a PostgreSQL program, found the way Debian's own packaging lays them out:
+
+    PGBACKUP_PG_BIN if set; else the bin directory of the server's major version
+    (/usr/lib/postgresql/<major>/bin), or of the newest installed one at or above it,
+    since pg_verifybackup and friends are not on PATH on Debian; else PATH.
+    """
     bin_dir = os.environ.get("PGBACKUP_PG_BIN")
-    path = os.path.join(bin_dir, name) if bin_dir else shutil.which(name)
-    if not path or not os.access(path, os.X_OK):
-        raise PgBackupError(f"{name} is not installed (looked in {bin_dir or 'PATH'})")
-    return path
+    if bin_dir:
+        candidates = [os.path.join(bin_dir, name)]
+    else:
+        installed = sorted(
+            (int(version) for version in _listdir(DEBIAN_PG_ROOT) if version.isdigit()), reverse=True
+        )
+        ordered = [major] if major in installed else []
+        ordered += [version for version in installed if major is None or version > major]
+        candidates = [os.path.join(DEBIAN_PG_ROOT, str(version), "bin", name) for version in ordered]
+        candidates.append(shutil.which(name) or "")
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
+            return path
+    where = bin_dir or f"{DEBIAN_PG_ROOT}/<version>/bin and PATH"
+    wanted = f" of PostgreSQL {major} or newer" if major and not bin_dir else ""
+    raise PgBackupError(f"{name}{wanted} is not installed (looked in {where})")
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def major_of(version_num: int | None) -> int | None:
+    """The major version of a server_version_num (150014 -> 15)."""
+    return version_num // 10000 if version_num else None
 
 
 def driver():

@@ -17,7 +17,7 @@ from . import pg
 from .crypto import Key
 from .errors import PgBackupError, RefusedError
 from .fsutil import describe_os_error, hold, remove_tree, require_free_space
-from .restore import decrypt_checked, open_set
+from .restore import decrypt_checked, open_set, resolve_set
 from .sets import build_set, stream_program_to_files
 
 log = logging.getLogger("pgbackup")
@@ -48,7 +48,7 @@ def create_base_backup(
     def fill(folder: str, record: dict):
         log.info("base backup %s started (%d part(s))", record["name"], parts)
         argv = [
-            pg.tool("pg_basebackup"),
+            pg.tool("pg_basebackup", pg.major_of(server["version_num"])),
             "--no-password",
             "--pgdata=-",
             "--format=tar",
@@ -187,7 +187,7 @@ def restore_base(set_path: str, key: Key, target_dir: str, verify_checksums: boo
     The target must be empty, so nothing existing is ever overwritten; on any failure
     the partly written target is removed again.
     """
-    set_path = os.path.abspath(set_path)
+    set_path = resolve_set(set_path)
     target_dir = os.path.abspath(target_dir)
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
         record = open_set(set_path, key)
@@ -210,7 +210,12 @@ def restore_base(set_path: str, key: Key, target_dir: str, verify_checksums: boo
             _unpack(set_path, record["base"], key, target_dir)
             checks = [] if verify_checksums else ["--skip-checksums"]
             pg.run_tool(
-                [pg.tool("pg_verifybackup"), "--quiet", *checks, target_dir],
+                [
+                    pg.tool("pg_verifybackup", pg.major_of(record["server"].get("version_num"))),
+                    "--quiet",
+                    *checks,
+                    target_dir,
+                ],
                 f"pg_verifybackup of the restored {target_dir}",
             )
         except OSError as error:

@@ -10,6 +10,7 @@ new name rather than dropped.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import re
@@ -19,11 +20,16 @@ from . import manifest, pg
 from .crypto import Key, decrypt_stream
 from .errors import CorruptError, PgBackupError, RefusedError
 from .fsutil import check_set_folder, describe_os_error, hold, open_no_follow, remove_tree, require_free_space
-from .retention import remove_leftovers
+from .retention import remove_leftovers, scan
 
 log = logging.getLogger("pgbackup")
 
 _IDENTIFIER_BYTES = 63
+# A database replaced with --force is kept as <name>_pre_restore_<UTC time>.
+KEPT_MARK = "_pre_restore_"
+KEPT_NAME = re.compile(rf"{KEPT_MARK}(\d{{8}}T\d{{6}}Z)$")
+# Where the backup role puts sets; a bare set name is looked up here.
+DEFAULT_BACKUP_DIR = "/var/backups/postgresql"
 
 
 class _Discard:
@@ -52,6 +58,34 @@ def decrypt_checked(set_path: str, entry: dict, key: Key, target) -> int:
     return stats.plaintext_bytes
 
 
+def resolve_set(set_path: str) -> str:
+    """The absolute path of a set named on the command line. A bare name that is not a
+    folder here is looked up in the default backup directory; a set that does not exist
+    is one clear line naming the sets that do."""
+    if os.sep not in set_path and not os.path.lexists(set_path):
+        in_default = os.path.join(DEFAULT_BACKUP_DIR, set_path)
+        if os.path.lexists(in_default):
+            return in_default
+        set_path = in_default
+    path = os.path.abspath(set_path)
+    if os.path.lexists(path):
+        return path
+    parent = os.path.dirname(path)
+    try:
+        there = [entry["name"] for entry in scan(parent) if entry["status"] == "complete"]
+    except PgBackupError:
+        raise PgBackupError(f"backup set {path} does not exist, nor does its folder {parent}") from None
+    listing = ", ".join(there[:10]) + (f" and {len(there) - 10} more" if len(there) > 10 else "")
+    raise PgBackupError(
+        f"backup set {path} does not exist; "
+        + (
+            f"complete sets in {parent}, newest first: {listing}"
+            if there
+            else f"{parent} holds no complete set"
+        )
+    )
+
+
 def open_set(set_path: str, key: Key) -> dict:
     """The checked manifest of a set whose folder holds nothing but plain files."""
     check_set_folder(set_path)
@@ -62,7 +96,7 @@ def open_set(set_path: str, key: Key) -> dict:
 
 def verify_set(set_path: str, key: Key) -> dict:
     """Decrypt every file of the set and check it; touches no database."""
-    set_path = os.path.abspath(set_path)
+    set_path = resolve_set(set_path)
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
         record = open_set(set_path, key)
         plaintext = 0
@@ -162,6 +196,11 @@ def _restore_globals(path: str):
 
 def _plan(set_path: str, key: Key, databases: list[str] | None, target_db: str | None, force: bool):
     record = open_set(set_path, key)
+    if record["kind"] != "logical":
+        raise PgBackupError(
+            f"{set_path} is a {record['kind']} set (a base backup), not a dump: restore it with "
+            "point-in-time recovery (playbooks/restore.yml, restore_mode=pitr) or unpack it with restore-base"
+        )
     selected = manifest.select_databases(record["databases"], databases, "in this backup set")
     if target_db is not None and len(selected) != 1:
         raise PgBackupError("--target-db needs exactly one --database to restore")
@@ -177,7 +216,7 @@ def plan_restore(
     force: bool = False,
 ) -> dict:
     """What restore_set would do, and whether it would refuse; writes nothing."""
-    set_path = os.path.abspath(set_path)
+    set_path = resolve_set(set_path)
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
         record, _selected, targets, fates = _plan(set_path, key, databases, target_db, force)
     return {
@@ -200,7 +239,7 @@ def restore_set(
     force: bool = False,
     staging_dir: str | None = None,
 ) -> dict:
-    set_path = os.path.abspath(set_path)
+    set_path = resolve_set(set_path)
     if jobs < 1:
         raise PgBackupError("--jobs must be at least 1")
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
@@ -266,7 +305,7 @@ def _restore_database(database: dict, target: str, staged_path: str, fate: str, 
                     "nothing was replaced"
                 )
             if fate == "keep-previous":
-                kept_as = _fit_identifier(target, f"_pre_restore_{suffix}")
+                kept_as = _fit_identifier(target, f"{KEPT_MARK}{suffix}")
                 pg.rename_database(conn, target, kept_as)
             elif fate == "replace-empty":
                 pg.drop_database(conn, target)
@@ -287,3 +326,52 @@ def _restore_database(database: dict, target: str, staged_path: str, fate: str, 
         f" (previous one kept as {kept_as})" if kept_as else "",
     )
     return {"database": database["name"], "target": target, "kept_previous_as": kept_as}
+
+
+def kept_databases() -> list[dict]:
+    """Databases that restore --force kept aside, oldest first, with their age."""
+    with pg.connect() as conn:
+        names = [database["name"] for database in pg.list_databases(conn)]
+    now = manifest.utc_now()
+    kept = []
+    for name in names:
+        match = KEPT_NAME.search(name)
+        if match:
+            kept_at = datetime.datetime.strptime(match.group(1), "%Y%m%dT%H%M%SZ").replace(
+                tzinfo=datetime.UTC
+            )
+            kept.append(
+                {
+                    "name": name,
+                    "kept_at": manifest.iso(kept_at),
+                    "age_days": round((now - kept_at).total_seconds() / 86400, 1),
+                }
+            )
+    return sorted(kept, key=lambda entry: entry["kept_at"])
+
+
+def drop_kept(
+    names: list[str] | None = None, older_than_days: float | None = None, dry_run: bool = False
+) -> list[str]:
+    """Drop databases kept by restore --force: the ones named, or those older than the
+    given days. Only such databases: any other name is refused."""
+    if names is None and older_than_days is None:
+        raise PgBackupError("say which kept databases to drop: --database NAME or --older-than DAYS")
+    kept = {entry["name"]: entry for entry in kept_databases()}
+    unknown = [name for name in names or [] if name not in kept]
+    if unknown:
+        raise RefusedError(
+            f"not a database kept by restore --force: {', '.join(unknown)} "
+            f"(kept: {', '.join(kept) or 'none'})"
+        )
+    doomed = list(names or []) + [
+        name
+        for name, entry in kept.items()
+        if older_than_days is not None and entry["age_days"] >= older_than_days and name not in (names or [])
+    ]
+    if not dry_run:
+        with pg.connect() as conn:
+            for name in doomed:
+                pg.drop_database(conn, name)
+                log.info("dropped %s, kept by an earlier restore --force", name)
+    return doomed

@@ -15,7 +15,7 @@ import os
 
 from . import manifest
 from .errors import BusyError, CorruptError, PgBackupError
-from .fsutil import check_set_folder, fsync_dir, hold, is_abandoned, remove_tree
+from .fsutil import check_set_folder, fsync_dir, hold, is_abandoned, remove_tree, require_owner
 
 log = logging.getLogger("pgbackup")
 
@@ -102,6 +102,8 @@ def prune(
 ) -> dict:
     if keep_days < 0 or min_keep < 1:
         raise PgBackupError("prune needs --keep-days >= 0 and --min-keep >= 1")
+    if not dry_run:
+        require_owner(dest, "prune")
     now = now or manifest.utc_now()
     cutoff = now - datetime.timedelta(days=keep_days)
     sets = scan(dest)

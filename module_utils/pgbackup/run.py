@@ -26,8 +26,8 @@ import time
 
 from . import backup, crypto, manifest, pg, physical, restore, retention
 from .connection import CONNECTION_ARGUMENT_SPEC, DEFAULT_SSLMODE, apply_connection_params
-from .errors import PgBackupError
-from .fsutil import open_no_follow
+from .errors import PgBackupError, RefusedError
+from .fsutil import open_no_follow, require_owner
 
 log = logging.getLogger("pgbackup.run")
 
@@ -76,6 +76,10 @@ def load_settings(path: str) -> dict:
     for required in ("backup_dir", "key_file"):
         if not settings[required]:
             raise PgBackupError(f"settings file {path} does not set {required}")
+    # An empty value means "libpq's default", as if the setting were absent.
+    settings["connection"] = {
+        name: value for name, value in settings["connection"].items() if value not in ("", None)
+    }
     unknown = set(settings["connection"]) - CONNECTION_KEYS
     if unknown:
         raise PgBackupError(
@@ -218,18 +222,50 @@ def _rclone(config: str, *args: str, what: str) -> str:
     return done.stdout
 
 
+def offsite_keeps(names: list[str], settings: dict, now: datetime.datetime) -> set[str]:
+    """The sets the off-site copy holds: of each kind, the newest `min_keep` (that kind's
+    local minimum) whatever their age, and every one younger than offsite.keep_days
+    (0: all). The same rule picks what is copied and what is deleted there, so a set
+    deleted off-site is never copied back (no churn), and failing backups never leave
+    the remote without its newest sets."""
+    keep_days = settings["offsite"]["keep_days"]
+    kept = set()
+    for kind in KINDS:
+        sets = sorted(
+            (name for name in names if manifest.SET_NAME.match(name) and name.startswith(f"{kind}-")),
+            key=lambda name: (manifest.time_of(name), manifest.sequence(name)),
+            reverse=True,
+        )
+        for position, name in enumerate(sets):
+            young = keep_days == 0 or now - manifest.time_of(name) < datetime.timedelta(days=keep_days)
+            if position < settings[kind]["min_keep"] or young:
+                kept.add(name)
+    return kept
+
+
 def copy_offsite(settings: dict, set_path: str):
-    """Copy the backup directory to the remote (never deleting there because something
-    is missing here), check the new set arrived intact, then apply the remote's age limit."""
+    """Copy the sets the remote should hold (never deleting there because something is
+    missing here), check the new set arrived intact, then apply the remote's retention."""
     offsite = settings["offsite"]
     target, config = offsite["target"].rstrip("/"), offsite["rclone_config"]
+    now = manifest.utc_now()
+    local = [
+        entry["name"] for entry in retention.scan(settings["backup_dir"]) if entry["status"] == "complete"
+    ]
+    wanted = sorted(offsite_keeps(local, settings, now) | {os.path.basename(set_path)})
+    # One ordered filter list: nothing that is not a set, then only the wanted sets.
+    filters = [
+        word
+        for rule in ("- .*", "- .*/**", *(f"+ /{name}/**" for name in wanted), "- **")
+        for word in ("--filter", rule)
+    ]
     _rclone(
         config,
         "copy",
         settings["backup_dir"],
         target,
         "--checksum",
-        *NOT_COPIED,
+        *filters,
         what=f"off-site copy to {target}",
     )
     _rclone(
@@ -241,15 +277,19 @@ def copy_offsite(settings: dict, set_path: str):
         *NOT_COPIED,
         what=f"checking the off-site copy of {os.path.basename(set_path)}",
     )
-    log.info("off-site copy to %s verified", target)
-    if offsite["keep_days"] > 0:
-        try:
-            _rclone(
-                config, "delete", target, "--min-age", f"{offsite['keep_days']}d", what="off-site retention"
-            )
-            _rclone(config, "rmdirs", target, "--leave-root", what="off-site retention")
-        except PgBackupError as error:
-            log.warning("%s (older than %d days)", error, offsite["keep_days"])
+    log.info("off-site copy to %s verified (%d sets wanted there)", target, len(wanted))
+    try:
+        listed = json.loads(
+            _rclone(config, "lsjson", "--dirs-only", target, what="listing the off-site sets")
+        )
+        there = [item["Name"] for item in listed]
+        doomed = sorted(name for name in there if manifest.SET_NAME.match(name))
+        doomed = [name for name in doomed if name not in offsite_keeps(there, settings, now)]
+        for name in doomed:
+            _rclone(config, "purge", f"{target}/{name}", what=f"deleting {name} off-site")
+        log.info("off-site retention: removed %s", ", ".join(doomed) or "nothing")
+    except (PgBackupError, ValueError, KeyError) as error:
+        log.warning("off-site retention failed: %s", error)
 
 
 def copy_to_drive(settings: dict) -> bool:
@@ -305,12 +345,20 @@ def _make_set(settings: dict, kind: str, key) -> dict:
     )
 
 
-def scheduled_run(settings: dict, kind: str) -> int:
-    """One scheduled run; its exit code. Assumes the event log is already attached."""
+STATUS_WORDS = {STATUS_OK: "ok", STATUS_FAILED: "failed", STATUS_SKIPPED: "skipped"}
+
+
+def scheduled_run(settings: dict, kind: str, summary: dict | None = None) -> int:
+    """One scheduled run; its exit code. Assumes the event log is already attached.
+    `summary`, if given, receives what the run did (status, message, set, size)."""
+    summary = {} if summary is None else summary
     started = time.monotonic()
     metrics = Metrics(settings["metrics_dir"], kind)
     with run_lock(settings["lock_file"]) as (holder, held):
         if not held:
+            summary.update(
+                status="busy", message=f"another backup run holds {settings['lock_file']} ({holder})"
+            )
             metrics.write(STATUS_FAILED, time.monotonic() - started, 0, False)
             log.error(
                 "another backup run holds %s (%s); this run did nothing. A lock held for longer "
@@ -320,10 +368,20 @@ def scheduled_run(settings: dict, kind: str) -> int:
             )
             return EXIT_BUSY
         log.info("%s run started on %s", kind, socket.gethostname())
-        outcome = {"set_bytes": 0, "offsite_ok": False}
+        outcome = {"set_bytes": 0, "offsite_ok": False, "set": None}
         status, message = _steps(settings, kind, outcome)
         metrics.write(status, time.monotonic() - started, outcome["set_bytes"], outcome["offsite_ok"])
     (log.error if status == STATUS_FAILED else log.info)("%s", message)
+    summary.update(
+        status=STATUS_WORDS[status],
+        message=message,
+        kind=kind,
+        set=outcome["set"],
+        name=os.path.basename(outcome["set"]) if outcome["set"] else None,
+        encrypted_bytes=outcome["set_bytes"],
+        offsite_copied=outcome["offsite_ok"],
+        duration_seconds=round(time.monotonic() - started, 1),
+    )
     return EXIT_FAILED if status == STATUS_FAILED else EXIT_OK
 
 
@@ -341,9 +399,9 @@ def _steps(settings: dict, kind: str, outcome: dict) -> tuple[int, str]:
         record = _make_set(settings, kind, key)
     except PgBackupError as error:
         return STATUS_FAILED, f"{kind} backup failed: {error}; earlier sets are untouched"
-    set_path = record["path"]
+    set_path = outcome["set"] = record["path"]
     outcome["set_bytes"] = record["total_size"]
-    log.info("backup written: %s (%d bytes)", set_path, record["total_size"])
+    log.info("backup written: %s (%d bytes encrypted)", set_path, record["total_size"])
     try:
         report = restore.verify_set(set_path, key)
     except PgBackupError as error:
@@ -398,10 +456,8 @@ def _drive(settings: dict, _kind: str, _set_path: str, _outcome: dict):
         copy_to_drive(settings)
 
 
-def main(settings_path: str, kind: str) -> int:
-    """`pgbackup run`: settings, environment and event log, then the run."""
-    if kind not in KINDS:
-        raise PgBackupError(f"unknown run kind {kind!r}; use one of {', '.join(KINDS)}")
+def prepare(settings_path: str) -> dict:
+    """The run's settings, with libpq's environment and PATH set from them as cron needs."""
     settings = load_settings(settings_path)
     # cron gives a bare PATH; rclone and the PostgreSQL tools live in these.
     known = os.environ.get("PATH", "").split(os.pathsep)
@@ -409,12 +465,85 @@ def main(settings_path: str, kind: str) -> int:
     apply_connection_params(settings["connection"])
     os.environ.setdefault("PGSSLMODE", DEFAULT_SSLMODE)
     os.environ.setdefault("PGCONNECT_TIMEOUT", "15")
+    return settings
+
+
+# What a failed connection means for the settings an operator controls.
+_HINTS = (
+    ("certificate verify failed", "backup_pg_ssl_rootcert must be the CA that issued the server certificate"),
+    ("does not match host name", "backup_pg_host must be a name the server certificate carries"),
+    ("root certificate file", "backup_pg_ssl_rootcert names a file that does not exist"),
+    (
+        "no pg_hba.conf entry for replication",
+        "pg_hba.conf needs a replication entry for the backup role "
+        "from the address it connects from (backup_pg_hostaddr)",
+    ),
+    (
+        "no pg_hba.conf entry",
+        "pg_hba.conf needs an entry for the backup role from the address it connects from",
+    ),
+    ("must be superuser or replication role", "the backup role needs REPLICATION for base backups"),
+    ("SSL error", "backup_pg_ssl_rootcert must be the CA that issued the server certificate"),
+    ("password authentication failed", "the passfile's password does not match the role's"),
+)
+
+
+def _hinted(error: str) -> str:
+    hint = next((hint for marker, hint in _HINTS if marker in error), None)
+    return f"{error} ({hint})" if hint else error
+
+
+def check(settings_path: str, replication: bool) -> dict:
+    """`pgbackup check`: connect exactly as the scheduled run will (and, for base backups,
+    as pg_basebackup will) and say plainly what is wrong. The backup role runs it at
+    deploy time, so a certificate or pg_hba mistake fails the playbook, not the night."""
+    settings = prepare(settings_path)
+    try:
+        with pg.connect() as conn:
+            row = conn.execute(
+                "SELECT current_user, pg_is_in_recovery(), coalesce((SELECT ssl FROM pg_stat_ssl"
+                " WHERE pid = pg_backend_pid()), false), current_setting('server_version'),"
+                " current_setting('server_version_num')::int"
+            ).fetchone()
+    except PgBackupError as error:
+        raise PgBackupError(_hinted(str(error))) from None
+    report = {
+        "user": row[0],
+        "in_recovery": row[1],
+        "tls": row[2],
+        "server_version": row[3],
+        "replication": None,
+    }
+    if replication:
+        psql = pg.tool("psql", pg.major_of(row[4]))
+        try:
+            pg.run_tool(
+                [psql, "--no-password", "-XAtq", "--dbname=replication=true", "-c", "IDENTIFY_SYSTEM"],
+                "a replication connection (as pg_basebackup makes)",
+            )
+        except PgBackupError as error:
+            raise PgBackupError(_hinted(str(error))) from None
+        report["replication"] = True
+    report["backup_dir"] = settings["backup_dir"]
+    return report
+
+
+def main(settings_path: str, kind: str, summary: dict | None = None) -> int:
+    """`pgbackup run`: settings, environment and event log, then the run."""
+    if kind not in KINDS:
+        raise PgBackupError(f"unknown run kind {kind!r}; use one of {', '.join(KINDS)}")
+    settings = prepare(settings_path)
     run_id = f"{datetime.datetime.now(datetime.UTC).strftime('%Y%m%dT%H%M%SZ')}-{os.getpid()}"
     events = EventLog(settings["log_file"], run_id)
     core = logging.getLogger("pgbackup")
     core.addHandler(events)
     core.setLevel(logging.INFO)
     try:
-        return scheduled_run(settings, kind)
+        for folder in (settings["backup_dir"], settings["metrics_dir"]):
+            require_owner(folder, "run the scheduled backup")
+        return scheduled_run(settings, kind, summary)
+    except RefusedError as error:
+        log.error("refused: %s", error)
+        raise
     finally:
         core.removeHandler(events)

@@ -16,7 +16,7 @@ import subprocess
 from . import __version__, manifest, pg
 from .crypto import EncryptingWriter, Key, read_ahead
 from .errors import PgBackupError
-from .fsutil import describe_os_error, fsync_dir, hold, remove_tree, write_json_atomic
+from .fsutil import describe_os_error, fsync_dir, hold, remove_tree, require_owner, write_json_atomic
 
 log = logging.getLogger("pgbackup")
 
@@ -115,6 +115,7 @@ def _unique_name(dest: str, kind: str, started) -> str:
 def build_set(dest: str, kind: str, key: Key, server: dict, level: int, fill) -> dict:
     """Make a new set of `kind` in dest. `fill(folder, record)` writes the files and
     adds their entries to the record; this function makes the result durable."""
+    require_owner(dest, "make backups")
     try:
         os.makedirs(dest, mode=0o700, exist_ok=True)
     except OSError as error:

@@ -190,6 +190,25 @@ def test_set_files_are_private(host, first_run):
     assert all(line.startswith("600 ") for line in modes if line), modes
 
 
+def test_the_backup_verifies_a_ca_issued_certificate_by_the_hosts_name(host, first_run):
+    settings = json.loads(host.file(SETTINGS).content_string)
+    assert settings["connection"]["login_host"] == "pg-backup-1"
+    assert settings["connection"]["login_hostaddr"] == "127.0.0.1"
+    assert settings["connection"]["ssl_mode"] == "verify-full"
+    assert settings["connection"]["ssl_rootcert"] == "/etc/postgresql/ssl/root.crt"
+    issuer = host.run("openssl x509 -in /etc/postgresql/ssl/server.crt -noout -issuer -subject").stdout
+    assert "issuer=CN = pgbackup test CA" in issuer and "subject=CN = pg-backup-1" in issuer
+    checked = host.run(f"{AS_CRON} /usr/local/bin/pgbackup check --replication")
+    assert checked.rc == 0, checked.stderr
+    assert "over TLS" in checked.stdout and "replication connection accepted" in checked.stdout
+    # The certificate is not for localhost: the self-signed path's name would be refused.
+    wrong = host.run(
+        f"{AS_CRON} env PGHOST=localhost PGHOSTADDR=127.0.0.1 PGPASSFILE=/etc/pgbackup/pgpass PGUSER=pgbackup"
+        " PGSSLMODE=verify-full PGSSLROOTCERT=/etc/postgresql/ssl/root.crt psql -XAtq -d postgres -c 'SELECT 1'"
+    )
+    assert wrong.rc != 0 and "does not match host name" in wrong.stderr
+
+
 def test_cron_runs_the_backup_at_two(host):
     crontab = host.run("crontab -l -u postgres").stdout
     assert re.search(r"^0 2 \* \* \* /usr/local/bin/pgbackup run logical$", crontab, re.MULTILINE), crontab
@@ -217,8 +236,13 @@ def test_the_run_lock_is_out_of_other_users_reach(host, first_run):
     assert host.run("runuser -u nobody -- flock -n %s true", RUN_LOCK).rc != 0
 
 
-def test_metrics_are_readable_by_the_exporter(host, first_run):
+def test_metrics_are_readable_by_the_exporter_and_backups_are_not(host, first_run):
     assert host.file(METRICS).mode == 0o644
+    # The exporter runs as its own unprivileged user: `nobody` stands in for it.
+    readable = host.run("runuser -u nobody -- cat %s", METRICS)
+    assert readable.rc == 0 and "pgbackup_last_run_status" in readable.stdout
+    assert host.run("runuser -u nobody -- ls %s", BACKUP_DIR).rc != 0
+    assert host.run("runuser -u nobody -- cat /var/lib/pgbackup/rclone/rclone.conf").rc != 0
 
 
 def test_prune_removes_only_what_it_should(host, first_run):
@@ -328,8 +352,8 @@ def standby(host, first_run):
     settings file that points the scheduled run at it (own sets, metrics; no off-site)."""
     host.run("rm -rf %s /tmp/standby-sets /tmp/standby-metrics", STANDBY)
     cloned = host.run(
-        "runuser -u postgres -- env PGHOST=localhost PGUSER=pgbackup PGPASSFILE=/etc/pgbackup/pgpass"
-        " PGSSLMODE=verify-full PGSSLROOTCERT=/etc/postgresql/ssl/server.crt"
+        "runuser -u postgres -- env PGHOST=pg-backup-1 PGHOSTADDR=127.0.0.1 PGUSER=pgbackup"
+        " PGPASSFILE=/etc/pgbackup/pgpass PGSSLMODE=verify-full PGSSLROOTCERT=/etc/postgresql/ssl/root.crt"
         " pg_basebackup --pgdata=%s --write-recovery-conf --wal-method=stream --checkpoint=fast",
         STANDBY,
     )
