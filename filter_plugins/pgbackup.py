@@ -29,7 +29,7 @@ def pgbackup_key_problem(key_hex) -> str:
     """Why a key from the vault cannot be used ("" when it can), by the very check the
     hosts apply: 64 hex characters, and random (not the example's all-zero key)."""
     try:
-        crypto.parse_key(str(key_hex).encode(), "backup_key")
+        crypto.parse_key(str(key_hex).encode(), "backup_key", writing=True)
     except crypto.KeyFileError as error:
         return str(error)
     return ""

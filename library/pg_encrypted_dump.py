@@ -187,7 +187,7 @@ def main():
     params = module.params
     apply_connection_params(params)
     try:
-        key = key_from_params(params)
+        key = key_from_params(params, writing=True)
         if module.check_mode:
             plan = backup.plan(params["databases"])
             module.exit_json(

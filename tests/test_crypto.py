@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import struct
+import subprocess
 
 import pytest
 from conftest import ROOT, run_cli
@@ -199,9 +200,6 @@ def test_keygen_writes_a_private_key_and_never_overwrites(tmp_path):
         (b"00" * 16, "malformed"),
         (b"zz" * 32, "not hexadecimal"),
         (b"00" * 33, "malformed"),
-        (b"00" * 32, "not a random key"),  # vault.yml.example's value
-        (b"ff" * 32 + b"\n", "not a random key"),
-        (b"0123456789abcdef" * 4, "not a random key"),
     ],
 )
 def test_bad_key_files_stop_the_run(tmp_path, content, message):
@@ -210,6 +208,34 @@ def test_bad_key_files_stop_the_run(tmp_path, content, message):
     path.chmod(0o600)
     with pytest.raises(KeyFileError, match=message):
         crypto.load_key(str(path))
+
+
+WEAK_KEYS = [b"00" * 32, b"ff" * 32 + b"\n", b"0123456789abcdef" * 4]  # the first: vault.yml.example's
+
+
+@pytest.mark.parametrize("content", WEAK_KEYS)
+def test_a_key_that_is_not_random_makes_no_new_backup(tmp_path, content):
+    path = tmp_path / "weak.key"
+    path.write_bytes(content)
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError, match="is not a random key"):
+        crypto.load_key(str(path), writing=True)
+    result = run_cli("encrypt", "--key-file", str(path), stdin=subprocess.DEVNULL)
+    assert result.returncode == 1 and "is not a random key" in result.stderr
+
+
+def test_sets_made_with_a_weak_key_stay_readable_with_a_warning(tmp_path, caplog):
+    """Hosts that kept the example's key before it was refused can still restore."""
+    weak = crypto.Key.from_bytes(bytes(32))
+    sealed = io.BytesIO()
+    crypto.encrypt_stream(io.BytesIO(b"rows of an old backup"), sealed, weak)
+    path = tmp_path / "weak.key"
+    path.write_bytes(WEAK_KEYS[0])
+    path.chmod(0o600)
+    with caplog.at_level("WARNING", logger="pgbackup"):
+        key = crypto.load_key(str(path))
+    assert "is not a random key" in caplog.text
+    assert decrypt(sealed.getvalue(), key) == b"rows of an old backup"
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
@@ -227,8 +253,8 @@ def test_example_key_of_the_inventory_is_refused():
     example = os.path.join(ROOT, "inventories", "production", "group_vars", "postgresql", "vault.yml.example")
     with open(example) as handle:
         value = re.search(r'^vault_backup_key: "(.*)"$', handle.read(), re.MULTILINE).group(1)
-    with pytest.raises(KeyFileError):
-        crypto.parse_key(value.encode(), "the example key")
+    with pytest.raises(KeyFileError, match="not a random key"):
+        crypto.parse_key(value.encode(), "the example key", writing=True)
 
 
 def test_missing_key_file_says_how_to_make_one(tmp_path):

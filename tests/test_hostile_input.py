@@ -7,12 +7,14 @@ with SIGKILL, and clients are still disconnecting when a restore starts.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -373,6 +375,7 @@ def test_prune_removes_abandoned_leftovers_of_every_kind(cluster, small_set, key
     ):
         (dest / name).mkdir()
         (dest / name / "plaintext.dump").write_bytes(b"rows")
+        (dest / name / manifest.STAGING_MARK).write_bytes(b"")
         if name != ".restore-young":
             os.utime(dest / name, (aged, aged))
     report = retention.prune(str(dest), keep_days=30, min_keep=1)
@@ -413,3 +416,80 @@ def test_a_session_that_stays_is_named_in_the_refusal(small_set, key, emptied_ta
             restore.restore_set(small_set["path"], key, databases=["postgres"], target_db=emptied_target)
         assert time.monotonic() - started < 10
     assert manifest.SET_NAME.match(small_set["name"])
+
+
+def test_leftover_cleanup_touches_only_pgbackups_own_folders(tmp_path):
+    """--staging-dir may be a shared folder: another user's `.restore-*`, or one without
+    pgbackup's mark, is never removed, however old."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    aged = time.time() - retention.LEFTOVER_GRACE_SECONDS - 1
+    ours, unmarked, foreign = (
+        shared / name for name in (".restore-ours", ".restore-photos", ".restore-theirs")
+    )
+    for folder in (ours, unmarked, foreign):
+        folder.mkdir()
+        (folder / "data").write_text("x")
+    for folder in (ours, foreign):
+        (folder / manifest.STAGING_MARK).write_text("")
+    shutil.chown(foreign, "nobody")
+    for folder in (ours, unmarked, foreign):
+        os.utime(folder, (aged, aged))
+    assert retention.remove_leftovers(str(shared), (manifest.RESTORE_PREFIX,)) == [".restore-ours"]
+    assert sorted(os.listdir(shared)) == [".restore-photos", ".restore-theirs"]
+
+
+def test_prune_leaves_a_set_it_cannot_lock(cluster, key):
+    """A read-only set folder without a lock file: prune cannot know that nobody reads it,
+    so it keeps it (and does not rename it into a half-deleted leftover). Run as `nobody`,
+    for whom the read-only folder really is read-only."""
+    dest = tempfile.mkdtemp(prefix="pgbackup-readonly-")
+    try:
+        older = backup.create_backup_set(dest, key, databases=[])["name"]
+        newer = backup.create_backup_set(dest, key, databases=[])["name"]
+        os.unlink(os.path.join(dest, older, ".lock"))
+        # The core as installed on a host (root-owned, readable by all), run by that user.
+        library = os.path.join(dest, ".lib")
+        shutil.copytree(os.path.join(ROOT, "module_utils", "pgbackup"), os.path.join(library, "pgbackup"))
+        subprocess.run(["chmod", "-R", "a+rX", library], check=True)
+        subprocess.run(["chown", "-R", "nobody", dest], check=True)
+        os.chmod(os.path.join(dest, older), 0o555)
+        result = subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                "/usr/bin/python3",
+                "-m",
+                "pgbackup",
+                "prune",
+                "--dest",
+                dest,
+                "--keep-days",
+                "0",
+                "--min-keep",
+                "1",
+                "--json",
+            ],
+            env={**os.environ, "PYTHONPATH": library},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["held"] == [older] and report["removed"] == []
+        assert sorted(os.listdir(dest)) == sorted([".lib", older, newer])
+    finally:
+        os.chmod(os.path.join(dest, older), 0o755)
+        shutil.rmtree(dest)
+
+
+def test_a_file_given_as_the_set_is_one_clear_line(tmp_path, key_file):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a set")
+    for command in (["verify"], ["restore-base", "--target-dir", str(tmp_path / "t")]):
+        result = run_cli(command[0], str(afile), "--key-file", key_file, *command[1:])
+        assert result.returncode == 1
+        assert result.stderr == f"pgbackup: error: {afile} is a file, not a backup set folder\n"

@@ -121,7 +121,8 @@ def test_restore_of_a_base_backup_points_at_point_in_time_recovery(cluster, key_
     result = run_cli("restore", base, "--key-file", key_file)
     assert result.returncode == 1
     assert "is a physical set (a base backup), not a dump" in result.stderr
-    assert "restore_mode=pitr" in result.stderr and "restore-base" in result.stderr
+    assert "pgbackup restore-base SET --target-dir DIR" in result.stderr
+    assert "the start of a point-in-time recovery" in result.stderr
 
 
 def test_kept_databases_are_listed_left_out_of_dumps_and_dropped_on_request(new_db, key_file, tmp_path):

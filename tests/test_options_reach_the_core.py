@@ -71,8 +71,8 @@ def recorders(monkeypatch, saved_environment):
         monkeypatch.setattr(module, name, recorder)
     # The key is the one thing a face resolves before calling the core: keep its source.
     for module in (crypto, connection):
-        monkeypatch.setattr(module, "load_key", lambda path: f"<key from {path}>")
-        monkeypatch.setattr(module, "parse_key", lambda raw, source: f"<key {raw.decode()}>")
+        monkeypatch.setattr(module, "load_key", lambda path, writing=False: f"<key from {path}>")
+        monkeypatch.setattr(module, "parse_key", lambda raw, source, writing=False: f"<key {raw.decode()}>")
 
 
 counter = itertools.count(7001)

@@ -306,3 +306,53 @@ def test_offsite_retention_never_empties_the_remote_when_everything_is_old():
     assert scheduled.offsite_keeps([*names, "not-a-set", ".partial-x"], settings, now) == set(names[:2])
     settings["offsite"]["keep_days"] = 0
     assert scheduled.offsite_keeps(names, settings, now) == set(names)
+
+
+def test_a_planted_link_on_the_external_drive_is_refused(site, tiny_disk, tmp_path, new_db):
+    victim = tmp_path / "data-directory"
+    victim.mkdir()
+    (tiny_disk / "postgresql").symlink_to(victim)
+    site["write"](external_drive=str(tiny_disk), logical={"databases": [new_db("planted")]})
+    result = run(site)
+    assert result.returncode == 1
+    assert "the external drive's backup folder" in log_text(site) and "symbolic link" in log_text(site)
+    assert list(victim.iterdir()) == [], "nothing may be written through the link"
+    assert metrics(site)["pgbackup_last_run_status"] == 1
+
+
+def test_a_setting_of_the_wrong_type_is_a_clear_error(site):
+    site["write"](logical={"keep_days": "30"})
+    result = run(site)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"pgbackup: error: settings file {site['settings']}: logical.keep_days must be int, not str ('30')\n"
+    )
+
+
+def test_an_unexpected_error_in_one_step_fails_the_run_but_not_the_others(site, monkeypatch, caplog):
+    """Whatever goes wrong in prune, the off-site copy still runs and the metrics say failed.
+    (The one test here that breaks the core on purpose: a step raising what it never should.)"""
+
+    def broken_prune(*_args, **_kwargs):
+        raise RuntimeError("disk gremlin")
+
+    monkeypatch.setattr(retention, "prune", broken_prune)
+    saved = dict(os.environ)  # prepare() sets libpq's variables as cron needs them
+    try:
+        settings = scheduled.prepare(str(site["settings"]))
+        summary = {}
+        with caplog.at_level("INFO", logger="pgbackup"):
+            assert scheduled.scheduled_run(settings, "logical", summary) == 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert summary["status"] == "failed" and summary["offsite_copied"] is True
+    assert "prune stopped on an unexpected RuntimeError: disk gremlin" in caplog.text
+    assert "off-site copy to" in caplog.text
+    assert metrics(site)["pgbackup_last_run_status"] == 1
+
+
+def test_remote_paths_at_a_remotes_root():
+    assert scheduled.remote_path("gdrive:", "logical-x") == "gdrive:logical-x"
+    assert scheduled.remote_path("gdrive:pg/db1", "logical-x") == "gdrive:pg/db1/logical-x"
+    assert scheduled.remote_path("gdrive:pg/db1/", "logical-x") == "gdrive:pg/db1/logical-x"

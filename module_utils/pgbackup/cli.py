@@ -39,7 +39,7 @@ def cmd_keygen(args):
 
 
 def cmd_encrypt(args):
-    key = crypto.load_key(args.key_file)
+    key = crypto.load_key(args.key_file, writing=True)
     crypto.encrypt_stream(
         sys.stdin.buffer,
         sys.stdout.buffer,
@@ -57,7 +57,7 @@ def cmd_decrypt(args):
 
 
 def cmd_backup(args):
-    key = crypto.load_key(args.key_file)
+    key = crypto.load_key(args.key_file, writing=True)
     record = backup.create_backup_set(
         args.dest,
         key,
@@ -71,7 +71,7 @@ def cmd_backup(args):
 
 
 def cmd_basebackup(args):
-    key = crypto.load_key(args.key_file)
+    key = crypto.load_key(args.key_file, writing=True)
     record = physical.create_base_backup(
         args.dest, key, compression_level=args.compression_level, threads=args.threads, parts=args.parts
     )

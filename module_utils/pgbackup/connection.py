@@ -53,7 +53,9 @@ def apply_connection_params(params: dict):
             os.environ[variable] = str(params[option])
 
 
-def key_from_params(params: dict) -> Key:
+def key_from_params(params: dict, writing: bool = False) -> Key:
+    """The key of a module's `key` or `key_file` option; `writing` for new backups,
+    which refuse a key that is not random (reading old sets only warns)."""
     if params.get("key") is not None:
-        return parse_key(params["key"].encode(), "the key given in the module's `key` option")
-    return load_key(params["key_file"])
+        return parse_key(params["key"].encode(), "the key given in the module's `key` option", writing)
+    return load_key(params["key_file"], writing)

@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import hmac
 import io
+import logging
 import os
 import queue
 import struct
@@ -80,7 +81,7 @@ class Key:
         return f"Key(key_id={self.key_id!r})"
 
 
-def load_key(path: str) -> Key:
+def load_key(path: str, writing: bool = False) -> Key:
     """Read a key file: 64 hexadecimal characters, optionally followed by a newline.
 
     Anything else stops the run: there is never a fallback to no encryption. A key
@@ -99,11 +100,14 @@ def load_key(path: str) -> Key:
         raise KeyFileError(f"key file {path} does not exist (create one with `pgbackup keygen`)") from None
     except OSError as error:
         raise KeyFileError(f"key file {path} cannot be read: {error.strerror}") from None
-    return parse_key(raw, f"key file {path}")
+    return parse_key(raw, f"key file {path}", writing)
 
 
-def parse_key(raw: bytes, source: str) -> Key:
-    """A key as written by keygen: 64 hexadecimal characters, surrounding space ignored."""
+def parse_key(raw: bytes, source: str, writing: bool = False) -> Key:
+    """A key as written by keygen: 64 hexadecimal characters, surrounding space ignored.
+
+    A key that is not random (the example's all-zero key) makes no new backup; sets it
+    already encrypted stay readable, with a warning, so they can still be restored."""
     text = raw.strip()
     if len(text) != 2 * KEY_BYTES:
         raise KeyFileError(
@@ -115,10 +119,13 @@ def parse_key(raw: bytes, source: str) -> Key:
     except (binascii.Error, ValueError):
         raise KeyFileError(f"{source} is malformed: it is not hexadecimal") from None
     if not is_strong_key(material):
-        raise KeyFileError(
+        problem = (
             f"{source} is not a random key (it repeats a few byte values, like the example's "
             "all-zero key); make one with `pgbackup keygen`"
         )
+        if writing:
+            raise KeyFileError(problem)
+        logging.getLogger("pgbackup").warning("%s, and move to it: anyone can guess this one", problem)
     return Key.from_bytes(material)
 
 

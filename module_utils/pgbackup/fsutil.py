@@ -61,6 +61,20 @@ def require_free_space(path: str, needed: int, purpose: str):
         )
 
 
+def refuse_links(root: str, what: str):
+    """Refuse a folder tree holding symbolic links (or that is one): a copy into it would
+    write wherever they point. For destinations a person can plug in (an external drive)."""
+    if os.path.islink(root):
+        raise CorruptError(f"{what} {root} is a symbolic link; refusing to copy into it")
+    for folder, subfolders, files in os.walk(root):
+        for name in subfolders + files:
+            if os.path.islink(os.path.join(folder, name)):
+                raise CorruptError(
+                    f"{what} holds a symbolic link, {os.path.join(folder, name)}; refusing to copy into it "
+                    "(a copy would write wherever it points)"
+                )
+
+
 def require_owner(path: str, doing: str):
     """Refuse to write into a folder that belongs to another user: a backup made as root
     in the postgres user's backup directory works once, then every later run as postgres
@@ -132,13 +146,14 @@ def hold(directory: str, exclusive: bool, wait: bool, what: str):
     waiting, so a set in use is never deleted under a reader. Neither the folder nor
     its lock file is followed if it is a symbolic link.
     """
-    dir_fd = open_no_follow(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        dir_fd = open_no_follow(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise describe_os_error(error, f"opening {directory}") from None
     try:
         try:
             fd = open_no_follow(LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600, dir_fd=dir_fd)
         except PermissionError:
-            # A read-only copy of a set (an off-site mount) cannot be deleted by prune
-            # either, so reading it without the lock is safe.
             try:
                 fd = open_no_follow(LOCK_NAME, os.O_RDONLY, dir_fd=dir_fd)
             except FileNotFoundError:
@@ -146,6 +161,10 @@ def hold(directory: str, exclusive: bool, wait: bool, what: str):
     finally:
         os.close(dir_fd)
     if fd is None:
+        if exclusive:
+            # A writer (prune) that cannot lock must not go ahead: a reader may hold it.
+            raise BusyError(f"{what} cannot be locked (its folder is read-only); left alone")
+        # A read-only copy of a set (an off-site mount) is read without the lock.
         yield
         return
     try:
@@ -174,3 +193,5 @@ def is_abandoned(path: str, grace_seconds: float, now: float | None = None) -> b
         return False
     except CorruptError:
         return True  # a planted link in a leftover: removing the folder never follows it
+    except PgBackupError:
+        return False  # not ours to open (another user's): not ours to remove

@@ -20,7 +20,9 @@ PARTIAL_PREFIX = ".partial-"
 DELETING_PREFIX = ".deleting-"
 # Plaintext staging of a restore, beside the set or in --staging-dir.
 RESTORE_PREFIX = ".restore-"
-SET_NAME = re.compile(r"^(logical|physical)-\d{8}T\d{6}Z(-\d+)?$")
+# The file that marks a staging folder as pgbackup's own, for the leftover cleanup.
+STAGING_MARK = ".pgbackup-staging"
+SET_NAME = re.compile(r"^(logical|physical)-\d{8}T\d{6}Z(-\d+)?\Z")  # \Z: no trailing newline
 _MAC_LABEL = b"pgbackup manifest mac v1"
 
 

@@ -19,7 +19,15 @@ import tempfile
 from . import manifest, pg
 from .crypto import Key, decrypt_stream
 from .errors import CorruptError, PgBackupError, RefusedError
-from .fsutil import check_set_folder, describe_os_error, hold, open_no_follow, remove_tree, require_free_space
+from .fsutil import (
+    check_set_folder,
+    describe_os_error,
+    hold,
+    open_no_follow,
+    remove_tree,
+    require_free_space,
+    require_owner,
+)
 from .retention import remove_leftovers, scan
 
 log = logging.getLogger("pgbackup")
@@ -69,6 +77,8 @@ def resolve_set(set_path: str) -> str:
         set_path = in_default
     path = os.path.abspath(set_path)
     if os.path.lexists(path):
+        if not os.path.islink(path) and not os.path.isdir(path):
+            raise PgBackupError(f"{path} is a file, not a backup set folder")
         return path
     parent = os.path.dirname(path)
     try:
@@ -198,8 +208,8 @@ def _plan(set_path: str, key: Key, databases: list[str] | None, target_db: str |
     record = open_set(set_path, key)
     if record["kind"] != "logical":
         raise PgBackupError(
-            f"{set_path} is a {record['kind']} set (a base backup), not a dump: restore it with "
-            "point-in-time recovery (playbooks/restore.yml, restore_mode=pitr) or unpack it with restore-base"
+            f"{set_path} is a {record['kind']} set (a base backup), not a dump: unpack it with "
+            "`pgbackup restore-base SET --target-dir DIR`, the start of a point-in-time recovery"
         )
     selected = manifest.select_databases(record["databases"], databases, "in this backup set")
     if target_db is not None and len(selected) != 1:
@@ -248,12 +258,14 @@ def restore_set(
         needed = sum(entry["plaintext_size"] for database in selected for entry in database["files"])
         if include_globals:
             needed += record["globals"]["plaintext_size"]
+        require_owner(staging_parent, "restore (its staging folder goes there)")
         # Plaintext left by a restore that was killed goes before this one needs the space.
         for leftover in remove_leftovers(staging_parent, (manifest.RESTORE_PREFIX,)):
             log.warning("removed %s in %s, left by a restore that was killed", leftover, staging_parent)
         require_free_space(staging_parent, needed, "to stage the restore (choose another --staging-dir)")
         try:
             staging = tempfile.mkdtemp(prefix=manifest.RESTORE_PREFIX, dir=staging_parent)
+            os.close(os.open(os.path.join(staging, manifest.STAGING_MARK), os.O_WRONLY | os.O_CREAT, 0o600))
         except OSError as error:
             raise describe_os_error(error, f"creating a staging folder in {staging_parent}") from None
         try:

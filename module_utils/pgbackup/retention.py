@@ -178,6 +178,14 @@ def remove_leftovers(
         path = os.path.join(folder, name)
         if not name.startswith(prefixes) or os.path.islink(path) or not os.path.isdir(path):
             continue
+        # Only what pgbackup made, as this user: --staging-dir may be a shared folder
+        # where another user's `.restore-photos` is none of our business.
+        if os.lstat(path).st_uid != os.geteuid():
+            continue
+        if name.startswith(manifest.RESTORE_PREFIX) and not os.path.isfile(
+            os.path.join(path, manifest.STAGING_MARK)
+        ):
+            continue
         if is_abandoned(path, LEFTOVER_GRACE_SECONDS, now) and _remove(
             folder, {"name": name, "path": path}, dry_run
         ):

@@ -27,7 +27,7 @@ import time
 from . import backup, crypto, manifest, pg, physical, restore, retention
 from .connection import CONNECTION_ARGUMENT_SPEC, DEFAULT_SSLMODE, apply_connection_params
 from .errors import PgBackupError, RefusedError
-from .fsutil import open_no_follow, require_owner
+from .fsutil import open_no_follow, refuse_links, require_owner
 
 log = logging.getLogger("pgbackup.run")
 
@@ -100,8 +100,16 @@ def _merge(defaults: dict, given: dict, path: str, where: str) -> dict:
         )
     merged = dict(defaults)
     for name, value in given.items():
-        nested = isinstance(defaults[name], dict) and defaults[name]  # "connection" is free-form
-        merged[name] = _merge(defaults[name], value, path, f"{where}{name}.") if nested else value
+        default = defaults[name]
+        # A setting takes the type of its default (None: a path or text); bool is not int.
+        expected = str if default is None else type(default)
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+            raise PgBackupError(
+                f"settings file {path}: {where}{name} must be {expected.__name__}, "
+                f"not {type(value).__name__} ({value!r})"
+            )
+        nested = isinstance(default, dict) and default  # "connection" is free-form
+        merged[name] = _merge(default, value, path, f"{where}{name}.") if nested else value
     return merged
 
 
@@ -243,11 +251,17 @@ def offsite_keeps(names: list[str], settings: dict, now: datetime.datetime) -> s
     return kept
 
 
+def remote_path(target: str, name: str) -> str:
+    """target/name for an rclone target: `remote:` is the remote's root, where a slash
+    would make the path absolute (sftp, local)."""
+    return f"{target}{name}" if target.endswith(":") else f"{target.rstrip('/')}/{name}"
+
+
 def copy_offsite(settings: dict, set_path: str):
     """Copy the sets the remote should hold (never deleting there because something is
     missing here), check the new set arrived intact, then apply the remote's retention."""
     offsite = settings["offsite"]
-    target, config = offsite["target"].rstrip("/"), offsite["rclone_config"]
+    target, config = offsite["target"], offsite["rclone_config"]
     now = manifest.utc_now()
     local = [
         entry["name"] for entry in retention.scan(settings["backup_dir"]) if entry["status"] == "complete"
@@ -272,7 +286,7 @@ def copy_offsite(settings: dict, set_path: str):
         config,
         "check",
         set_path,
-        f"{target}/{os.path.basename(set_path)}",
+        remote_path(target, os.path.basename(set_path)),
         "--one-way",
         *NOT_COPIED,
         what=f"checking the off-site copy of {os.path.basename(set_path)}",
@@ -283,21 +297,24 @@ def copy_offsite(settings: dict, set_path: str):
             _rclone(config, "lsjson", "--dirs-only", target, what="listing the off-site sets")
         )
         there = [item["Name"] for item in listed]
-        doomed = sorted(name for name in there if manifest.SET_NAME.match(name))
-        doomed = [name for name in doomed if name not in offsite_keeps(there, settings, now)]
+        keep = offsite_keeps(there, settings, now)
+        doomed = sorted(name for name in there if manifest.SET_NAME.match(name) and name not in keep)
         for name in doomed:
-            _rclone(config, "purge", f"{target}/{name}", what=f"deleting {name} off-site")
+            _rclone(config, "purge", remote_path(target, name), what=f"deleting {name} off-site")
         log.info("off-site retention: removed %s", ", ".join(doomed) or "nothing")
     except (PgBackupError, ValueError, KeyError) as error:
         log.warning("off-site retention failed: %s", error)
 
 
-def copy_to_drive(settings: dict) -> bool:
-    """The external-drive copy, made only when the drive is mounted; False if skipped."""
+def copy_to_drive(settings: dict):
+    """The external-drive copy, made only when the drive is mounted."""
     drive = settings["external_drive"]
     if not os.path.ismount(drive):
         log.info("external drive copy skipped: %s is not mounted", drive)
-        return False
+        return
+    # Whoever plugs in the drive controls what is on it: rclone would write through a
+    # planted link (postgresql -> /var/lib/postgresql/15/main) as the postgres user.
+    refuse_links(os.path.join(drive, "postgresql"), "the external drive's backup folder")
     _rclone(
         settings["offsite"]["rclone_config"],
         "copy",
@@ -308,7 +325,6 @@ def copy_to_drive(settings: dict) -> bool:
         what=f"external drive copy to {drive}",
     )
     log.info("external drive copy to %s done", drive)
-    return True
 
 
 def _turn(run_on: str) -> str | None:
@@ -354,23 +370,28 @@ def scheduled_run(settings: dict, kind: str, summary: dict | None = None) -> int
     summary = {} if summary is None else summary
     started = time.monotonic()
     metrics = Metrics(settings["metrics_dir"], kind)
-    with run_lock(settings["lock_file"]) as (holder, held):
-        if not held:
-            summary.update(
-                status="busy", message=f"another backup run holds {settings['lock_file']} ({holder})"
-            )
-            metrics.write(STATUS_FAILED, time.monotonic() - started, 0, False)
-            log.error(
-                "another backup run holds %s (%s); this run did nothing. A lock held for longer "
-                "than a run takes is stuck: find that process",
-                settings["lock_file"],
-                holder,
-            )
-            return EXIT_BUSY
-        log.info("%s run started on %s", kind, socket.gethostname())
-        outcome = {"set_bytes": 0, "offsite_ok": False, "set": None}
-        status, message = _steps(settings, kind, outcome)
-        metrics.write(status, time.monotonic() - started, outcome["set_bytes"], outcome["offsite_ok"])
+    outcome = {"set_bytes": 0, "offsite_ok": False, "set": None}
+    try:
+        with run_lock(settings["lock_file"]) as (holder, held):
+            if not held:
+                summary.update(
+                    status="busy", message=f"another backup run holds {settings['lock_file']} ({holder})"
+                )
+                _write_metrics(metrics, STATUS_FAILED, started, outcome)
+                log.error(
+                    "another backup run holds %s (%s); this run did nothing. A lock held for longer "
+                    "than a run takes is stuck: find that process",
+                    settings["lock_file"],
+                    holder,
+                )
+                return EXIT_BUSY
+            log.info("%s run started on %s", kind, socket.gethostname())
+            status, message = _steps(settings, kind, outcome)
+    except PgBackupError as error:
+        status, message = STATUS_FAILED, str(error)
+    except Exception as error:  # whatever it was, the run failed and must say so
+        status, message = STATUS_FAILED, f"the run stopped on an unexpected {type(error).__name__}: {error}"
+    _write_metrics(metrics, status, started, outcome)
     (log.error if status == STATUS_FAILED else log.info)("%s", message)
     summary.update(
         status=STATUS_WORDS[status],
@@ -385,6 +406,14 @@ def scheduled_run(settings: dict, kind: str, summary: dict | None = None) -> int
     return EXIT_FAILED if status == STATUS_FAILED else EXIT_OK
 
 
+def _write_metrics(metrics: Metrics, status: int, started: float, outcome: dict):
+    """Metrics of every run, whatever happened; a failure to write them is logged."""
+    try:
+        metrics.write(status, time.monotonic() - started, outcome["set_bytes"], outcome["offsite_ok"])
+    except OSError as error:
+        log.error("could not write the metrics %s: %s", metrics.path, error.strerror or error)
+
+
 def _steps(settings: dict, kind: str, outcome: dict) -> tuple[int, str]:
     """The run's steps, in order; (status, closing message). A step that fails stops
     the run only when what follows depends on it."""
@@ -395,7 +424,7 @@ def _steps(settings: dict, kind: str, outcome: dict) -> tuple[int, str]:
     except PgBackupError as error:
         return STATUS_FAILED, str(error)
     try:
-        key = crypto.load_key(settings["key_file"])
+        key = crypto.load_key(settings["key_file"], writing=True)
         record = _make_set(settings, kind, key)
     except PgBackupError as error:
         return STATUS_FAILED, f"{kind} backup failed: {error}; earlier sets are untouched"
@@ -415,6 +444,11 @@ def _steps(settings: dict, kind: str, outcome: dict) -> tuple[int, str]:
             step(settings, kind, set_path, outcome)
         except PgBackupError as error:
             log.error("%s", error)
+            failed = True
+        except Exception as error:  # one step's surprise must not skip the others
+            log.error(
+                "%s stopped on an unexpected %s: %s", step.__name__.strip("_"), type(error).__name__, error
+            )
             failed = True
     if failed:
         return (

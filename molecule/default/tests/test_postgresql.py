@@ -1,5 +1,6 @@
 """The live server on one node: settings in force, TLS and scram-sha-256 only."""
 
+import re
 import time
 
 import pytest
@@ -89,6 +90,31 @@ def test_superusers_log_in_over_the_local_socket_only(host, lab_vars):
     assert "rejects connection" in over_tcp.stderr
     over_socket = tcp_login(host, "dba", password, "host=/var/run/postgresql")
     assert over_socket.rc == 0, over_socket.stderr
+
+
+def test_superusers_and_the_backup_role_cannot_replicate_or_log_in_from_the_network(host, lab_vars):
+    """From the node's own network address (samenet), not loopback (TLS without the name
+    check: the point here is pg_hba, not the certificate)."""
+    address = host.check_output("hostname -I").split()[0]
+    assert not address.startswith("127.")
+    tls = f"host={address} sslmode=require"
+    for user, password in (
+        ("dba", lab_vars["postgresql_admin_password"]),
+        ("pgbackup", lab_vars["postgresql_backup_password"]),
+    ):
+        for database in ("dbname=postgres", "dbname=replication replication=true"):
+            refused = tcp_login(host, user, password, f"{tls} {database}", "IDENTIFY_SYSTEM")
+            assert refused.rc != 0, (user, database)
+            assert re.search(r"pg_hba.conf rejects (replication )?connection", refused.stderr), refused.stderr
+    # The replication role still streams from the network: standbys need it.
+    streams = tcp_login(
+        host,
+        "replicator",
+        lab_vars["postgresql_replication_password"],
+        f"{tls} dbname=replication replication=true",
+        "IDENTIFY_SYSTEM",
+    )
+    assert streams.rc == 0, streams.stderr
 
 
 def test_login_without_tls_is_refused(host, lab_vars):
