@@ -128,15 +128,14 @@ def cmd_list(args):
     )
     _print(sets, args.json, human or f"no backup sets in {args.dest}")
     if not args.json:
-        print(_kept_summary())
+        # The databases restore --force kept aside, if the server can be asked.
+        try:
+            print(_kept_summary(restore.kept_databases()))
+        except PgBackupError as error:
+            print(f"(databases kept by restore --force: unknown, {error})")
 
 
-def _kept_summary() -> str:
-    """The databases restore --force kept aside, if the server can be asked."""
-    try:
-        kept = restore.kept_databases()
-    except PgBackupError as error:
-        return f"(databases kept by restore --force: unknown, {error})"
+def _kept_summary(kept: list[dict]) -> str:
     if not kept:
         return "no databases kept by restore --force"
     rows = "\n".join(
@@ -148,7 +147,7 @@ def _kept_summary() -> str:
 def cmd_kept(args):
     if args.database is None and args.drop_older_than is None:
         kept = restore.kept_databases()
-        _print(kept, args.json, _kept_summary())
+        _print(kept, args.json, _kept_summary(kept))
         return
     dropped = restore.drop_kept(args.database, args.drop_older_than, dry_run=args.dry_run)
     verb = "would drop" if args.dry_run else "dropped"

@@ -192,6 +192,6 @@ def is_abandoned(path: str, grace_seconds: float, now: float | None = None) -> b
     except BusyError:
         return False
     except CorruptError:
-        return True  # a planted link in a leftover: removing the folder never follows it
+        return True  # a planted link: no run owns it; the removal refuses it and says so
     except PgBackupError:
         return False  # not ours to open (another user's): not ours to remove

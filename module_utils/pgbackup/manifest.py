@@ -38,13 +38,25 @@ def parse_iso(text: str) -> datetime.datetime:
     return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
 
 
+# UTC time in names: set folders (`logical-20261125T020000Z`) and kept databases.
+_COMPACT_TIME = "%Y%m%dT%H%M%SZ"
+
+
+def compact_time(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).strftime(_COMPACT_TIME)
+
+
+def parse_compact_time(text: str) -> datetime.datetime:
+    return datetime.datetime.strptime(text, _COMPACT_TIME).replace(tzinfo=datetime.UTC)
+
+
 def set_name(kind: str, moment: datetime.datetime) -> str:
-    return f"{kind}-{moment.astimezone(datetime.UTC).strftime('%Y%m%dT%H%M%SZ')}"
+    return f"{kind}-{compact_time(moment)}"
 
 
 def time_of(name: str) -> datetime.datetime:
     """The start time a set's name carries (`kind-20261125T020000Z[-N]`)."""
-    return datetime.datetime.strptime(name.split("-")[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
+    return parse_compact_time(name.split("-")[1])
 
 
 def sequence(name: str) -> int:

@@ -10,7 +10,6 @@ new name rather than dropped.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import re
@@ -287,7 +286,7 @@ def restore_set(
 
 
 def _restore_database(database: dict, target: str, staged_path: str, fate: str, jobs: int) -> dict:
-    suffix = re.sub(r"\W", "", manifest.iso(manifest.utc_now()))
+    suffix = manifest.compact_time(manifest.utc_now())
     scratch = _fit_identifier(f"pgbackup_restore_{os.getpid()}_", suffix)
     with pg.connect() as conn:
         pg.create_database(conn, scratch, database)
@@ -349,9 +348,7 @@ def kept_databases() -> list[dict]:
     for name in names:
         match = KEPT_NAME.search(name)
         if match:
-            kept_at = datetime.datetime.strptime(match.group(1), "%Y%m%dT%H%M%SZ").replace(
-                tzinfo=datetime.UTC
-            )
+            kept_at = manifest.parse_compact_time(match.group(1))
             kept.append(
                 {
                     "name": name,

@@ -25,7 +25,7 @@ import syslog
 import time
 
 from . import backup, crypto, manifest, pg, physical, restore, retention
-from .connection import CONNECTION_ARGUMENT_SPEC, DEFAULT_SSLMODE, apply_connection_params
+from .connection import CONNECTION_ARGUMENT_SPEC, apply_connection_params
 from .errors import PgBackupError, RefusedError
 from .fsutil import open_no_follow, refuse_links, require_owner
 
@@ -141,7 +141,8 @@ class EventLog(logging.Handler):
 def run_lock(path: str):
     """The lock that keeps runs from overlapping, in a folder only the backup user can
     write: in a world-writable one (/run/lock) any local user could hold it and stop
-    every backup. Yields None when another run holds it, with that run's note read."""
+    every backup. Yields None once this run holds it, or, when another run holds it, the
+    note that run wrote (its pid, host and start time)."""
     folder = os.path.dirname(os.path.abspath(path))
     mode = os.stat(folder).st_mode
     if mode & 0o022:
@@ -154,12 +155,12 @@ def run_lock(path: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "no note", False
+            yield os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "no note"
             return
         os.ftruncate(fd, 0)
         note = f"pid {os.getpid()} on {socket.gethostname()} since {manifest.iso(manifest.utc_now())}\n"
         os.pwrite(fd, note.encode(), 0)
-        yield None, True
+        yield None
     finally:
         os.close(fd)
 
@@ -372,8 +373,8 @@ def scheduled_run(settings: dict, kind: str, summary: dict | None = None) -> int
     metrics = Metrics(settings["metrics_dir"], kind)
     outcome = {"set_bytes": 0, "offsite_ok": False, "set": None}
     try:
-        with run_lock(settings["lock_file"]) as (holder, held):
-            if not held:
+        with run_lock(settings["lock_file"]) as holder:
+            if holder is not None:
                 summary.update(
                     status="busy", message=f"another backup run holds {settings['lock_file']} ({holder})"
                 )
@@ -496,8 +497,7 @@ def prepare(settings_path: str) -> dict:
     # cron gives a bare PATH; rclone and the PostgreSQL tools live in these.
     known = os.environ.get("PATH", "").split(os.pathsep)
     os.environ["PATH"] = os.pathsep.join(known + [d for d in STANDARD_PATH if d not in known])
-    apply_connection_params(settings["connection"])
-    os.environ.setdefault("PGSSLMODE", DEFAULT_SSLMODE)
+    apply_connection_params(settings["connection"])  # PGSSLMODE's default: cli.main
     os.environ.setdefault("PGCONNECT_TIMEOUT", "15")
     return settings
 
