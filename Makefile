@@ -20,7 +20,7 @@ help:
 	@echo "make lab          provision the container lab with site.yml"
 	@echo "make lab-destroy  remove the lab containers"
 	@echo "make lint|unit|molecule  one stage; make bench  the benchmarks"
-	@echo "make keygen KEY=path  a new backup key (mode 0600) for the vault"
+	@echo "make keygen KEY=path  a new key pair: KEY (private, the vault) and KEY.pub (backup_recipients)"
 
 deps:
 	@scripts/install-deps.sh
@@ -68,7 +68,8 @@ lab-destroy: venv
 bench: deps venv
 	$(BIN)/python bench/backup_bench.py
 
-# A new backup key on the controller, for the vault: make keygen KEY=backup.key
+# A new key pair on the controller: KEY's private key line goes to the vault
+# (vault_backup_private_keys), KEY.pub's line to backup_recipients.
 keygen: venv
 	@test -n "$(KEY)" || { echo "usage: make keygen KEY=path/to/new.key"; exit 2; }
 	@PYTHONPATH=module_utils $(BIN)/python -m pgbackup keygen --key-file "$(KEY)"

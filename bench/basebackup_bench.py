@@ -87,7 +87,7 @@ def run(args) -> dict:
         subprocess.run(f"{pgbackrest} stanza-create", shell=True, check=True)
 
         key_file = os.path.join(out, "bench.key")
-        crypto.generate_key_file(key_file)
+        crypto.generate_key_pair(key_file)
         passphrase = os.path.join(out, "passphrase")
         with open(passphrase, "w") as handle:
             handle.write(os.urandom(32).hex())
@@ -115,7 +115,7 @@ def run(args) -> dict:
         dest = os.path.join(out, "sets")
         results["pgbackup"] = measure(
             "pgbackup basebackup",
-            pgbackup("basebackup", "--dest", dest, "--key-file", key_file),
+            pgbackup("basebackup", "--dest", dest, "--recipient", f"{key_file}.pub"),
             out,
             reset=f"rm -rf {dest}",
         )

@@ -27,26 +27,25 @@ def log(message: str):
 REPEAT = 1
 
 
-def measure(name: str, shell: str, workdir: str, reset: str = "") -> dict:
-    """Run a shell command REPEAT times under GNU time: the median wall seconds and the
-    largest single process's RSS. `reset`, if given, runs untimed before each run, and
-    so does `sync`."""
+def _timed_run(shell: str, workdir: str, reset: str) -> tuple[float, int]:
+    """One run under GNU time, after `reset` and `sync` (untimed): wall seconds and the
+    largest single process's RSS in KiB."""
     timing = os.path.join(workdir, "time.out")
-    walls, peak_kb = [], 0
-    for _ in range(REPEAT):
-        if reset:
-            subprocess.run(["bash", "-c", reset], check=True)
-        # Each run starts with no dirty pages of the one before still being written back.
-        subprocess.run(["sync"], check=True)
-        subprocess.run(
-            ["/usr/bin/time", "-f", "%e %M", "-o", timing, "bash", "-o", "pipefail", "-c", shell],
-            check=True,
-            env=os.environ,
-        )
-        with open(timing) as handle:
-            wall, rss_kb = handle.read().split()[-2:]
-        walls.append(float(wall))
-        peak_kb = max(peak_kb, int(rss_kb))
+    if reset:
+        subprocess.run(["bash", "-c", reset], check=True)
+    # Each run starts with no dirty pages of the one before still being written back.
+    subprocess.run(["sync"], check=True)
+    subprocess.run(
+        ["/usr/bin/time", "-f", "%e %M", "-o", timing, "bash", "-o", "pipefail", "-c", shell],
+        check=True,
+        env=os.environ,
+    )
+    with open(timing) as handle:
+        wall, rss_kb = handle.read().split()[-2:]
+    return float(wall), int(rss_kb)
+
+
+def _result(name: str, walls: list[float], peak_kb: int) -> dict:
     result = {
         "name": name,
         "wall_s": statistics.median(walls),
@@ -58,6 +57,27 @@ def measure(name: str, shell: str, workdir: str, reset: str = "") -> dict:
         f"peak RSS {result['peak_rss_mb']:.0f} MB"
     )
     return result
+
+
+def measure(name: str, shell: str, workdir: str, reset: str = "") -> dict:
+    """Run a shell command REPEAT times: the median wall seconds and the largest single
+    process's RSS. `reset`, if given, runs untimed before each run, and so does `sync`."""
+    runs = [_timed_run(shell, workdir, reset) for _ in range(REPEAT)]
+    return _result(name, [wall for wall, _ in runs], max(rss for _, rss in runs))
+
+
+def measure_alternating(cases: list[tuple[str, str, str]], workdir: str) -> list[dict]:
+    """Cases (name, shell, reset) run in turns, REPEAT rounds, the order reversed every
+    other round (A B, B A, A B, ...): the machine's drift (page cache, writeback, other
+    load) falls on each alike, which comparing two nearly equal cases needs."""
+    walls: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    peaks = dict.fromkeys(walls, 0)
+    for round_number in range(REPEAT):
+        for name, shell, reset in cases if round_number % 2 == 0 else reversed(cases):
+            wall, rss = _timed_run(shell, workdir, reset)
+            walls[name].append(wall)
+            peaks[name] = max(peaks[name], rss)
+    return [_result(name, walls[name], peaks[name]) for name, _, _ in cases]
 
 
 def size_of(path: str) -> int:

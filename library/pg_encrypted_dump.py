@@ -9,7 +9,8 @@ module: pg_encrypted_dump
 short_description: Make an encrypted, verified logical backup set of a PostgreSQL server
 description:
   - Dumps the globals (C(pg_dumpall --globals-only)) and each database (C(pg_dump)) into a new
-    date-stamped backup set under O(dest), compressed with zstd and encrypted with AES-256-GCM.
+    date-stamped backup set under O(dest), compressed with zstd and encrypted with AES-256-GCM
+    for the public keys of O(recipients); the host needs no key that reads backups.
   - The set is written under a temporary name and renamed only once every file and its
     C(manifest.json) are on disk, so a failed run never leaves a set that looks complete.
   - The same code runs as the C(pgbackup backup) command on database hosts.
@@ -19,12 +20,16 @@ options:
     description: Backup directory; the set is a new folder in it. Created with mode 0700 if missing.
     type: path
     required: true
-  key_file:
-    description: File holding the 256-bit key as 64 hexadecimal characters (C(pgbackup keygen) writes one).
+  recipients:
+    description:
+      - Public keys the set is encrypted for, each C(PGBACKUP-PUBLIC-KEY-V2 <64 hex>) as
+        C(pgbackup keygen) writes it to the C(.pub) file. Any one of the matching private keys
+        reads the set; the host that writes it needs none of them.
+    type: list
+    elements: str
+  recipient_file:
+    description: A public key file, or a folder of C(*.pub) files; added to O(recipients).
     type: path
-  key:
-    description: The key itself, as 64 hexadecimal characters (from the vault). Exclusive with O(key_file).
-    type: str
   databases:
     description: Databases to dump. Omit for every database that accepts connections; C([]) dumps only the globals.
     type: list
@@ -94,7 +99,7 @@ EXAMPLES = r"""
 - name: Back up every database now
   pg_encrypted_dump:
     dest: /var/backups/postgresql
-    key_file: /etc/pgbackup/backup.key
+    recipient_file: /etc/pgbackup/recipients
     login_host: localhost
     login_user: pgbackup
     passfile: /etc/pgbackup/pgpass
@@ -104,7 +109,7 @@ EXAMPLES = r"""
 - name: Parallel dump of one large database
   pg_encrypted_dump:
     dest: /var/backups/postgresql
-    key: "{{ vault_pgbackup_key }}"
+    recipients: "{{ backup_recipients }}"
     databases: [streaming]
     format: directory
     jobs: 4
@@ -132,11 +137,12 @@ total_size:
   returned: success, not in check mode
   type: int
   sample: 734003200
-key_id:
-  description: Identifier of the key the set is encrypted with (not the key).
+key_ids:
+  description: Ids of the public keys the set is encrypted for; any one of their private keys reads it.
   returned: always
-  type: str
-  sample: 36d2c957aa10793d
+  type: list
+  elements: str
+  sample: [8f8223f5b3dae670, 0ed3a662a235baa0]
 server_version:
   description: Version of the server dumped.
   returned: always
@@ -158,11 +164,10 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.pgbackup import backup
 from ansible.module_utils.pgbackup.connection import (
     CONNECTION_ARGUMENT_SPEC,
-    KEY_ARGUMENT_SPEC,
-    KEY_MUTUALLY_EXCLUSIVE,
-    KEY_REQUIRED_ONE_OF,
+    RECIPIENT_ARGUMENT_SPEC,
+    RECIPIENT_REQUIRED_ONE_OF,
     apply_connection_params,
-    key_from_params,
+    recipients_from_params,
 )
 from ansible.module_utils.pgbackup.errors import PgBackupError
 
@@ -170,7 +175,7 @@ from ansible.module_utils.pgbackup.errors import PgBackupError
 def main():
     argument_spec = {
         **CONNECTION_ARGUMENT_SPEC,
-        **KEY_ARGUMENT_SPEC,
+        **RECIPIENT_ARGUMENT_SPEC,
         "dest": {"type": "path", "required": True},
         "databases": {"type": "list", "elements": "str"},
         "format": {"type": "str", "choices": list(backup.FORMATS), "default": "custom"},
@@ -180,25 +185,24 @@ def main():
     }
     module = AnsibleModule(
         argument_spec=argument_spec,
-        mutually_exclusive=KEY_MUTUALLY_EXCLUSIVE,
-        required_one_of=KEY_REQUIRED_ONE_OF,
+        required_one_of=RECIPIENT_REQUIRED_ONE_OF,
         supports_check_mode=True,
     )
     params = module.params
     apply_connection_params(params)
     try:
-        key = key_from_params(params, writing=True)
+        recipients = recipients_from_params(params)
         if module.check_mode:
             plan = backup.plan(params["databases"])
             module.exit_json(
                 changed=True,
                 databases=[database["name"] for database in plan["databases"]],
-                key_id=key.key_id,
+                key_ids=recipients.key_ids,
                 server_version=plan["server"]["version"],
             )
         record = backup.create_backup_set(
             params["dest"],
-            key,
+            recipients,
             databases=params["databases"],
             dump_format=params["format"],
             jobs=params["jobs"],
@@ -213,7 +217,7 @@ def main():
         name=record["name"],
         databases=[database["name"] for database in record["databases"]],
         total_size=record["total_size"],
-        key_id=record["key_id"],
+        key_ids=record["recipients"],
         server_version=record["server"]["version"],
         started_at=record["started_at"],
         finished_at=record["finished_at"],

@@ -23,10 +23,14 @@ options:
     type: path
     required: true
   key_file:
-    description: File holding the 256-bit key as 64 hexadecimal characters.
+    description:
+      - A private key file (C(pgbackup keygen) writes one), or a key ring folder of C(*.key) files;
+        the set names the key id it needs. Version 1 sets take their 64-hex-character key file.
     type: path
   key:
-    description: The key itself (from the vault). Exclusive with O(key_file).
+    description:
+      - The text of a private key file (from the vault). Exclusive with O(key_file). Prefer
+        O(key_file) on a tmpfs, as C(playbooks/restore.yml) does.
     type: str
   databases:
     description: Databases to restore from the set. Omit for all; C([]) with O(globals=true) restores only the globals.
@@ -95,7 +99,7 @@ EXAMPLES = r"""
 - name: Restore one database beside the live one, to compare
   pg_encrypted_restore:
     set_path: /var/backups/postgresql/logical-20261125T020000Z
-    key_file: /etc/pgbackup/backup.key
+    key_file: /run/pgbackup-restore/keys
     databases: [streaming]
     target_db: streaming_restored
     jobs: 2
@@ -103,7 +107,7 @@ EXAMPLES = r"""
 - name: Rebuild a cluster from scratch
   pg_encrypted_restore:
     set_path: "{{ latest.path }}"
-    key: "{{ vault_pgbackup_key }}"
+    key: "{{ vault_backup_private_keys[0] }}"
     globals: true
 """
 
@@ -140,7 +144,7 @@ from ansible.module_utils.pgbackup.connection import (
     KEY_MUTUALLY_EXCLUSIVE,
     KEY_REQUIRED_ONE_OF,
     apply_connection_params,
-    key_from_params,
+    keys_from_params,
 )
 from ansible.module_utils.pgbackup.errors import PgBackupError
 
@@ -166,15 +170,15 @@ def main():
     params = module.params
     apply_connection_params(params)
     try:
-        key = key_from_params(params)
+        keys = keys_from_params(params)
         # What is restored where: the plan (check mode) and the restore decide it alike.
         selection = {name: params[name] for name in ("databases", "target_db", "force")}
         if module.check_mode:
-            plan = restore.plan_restore(params["set_path"], key, **selection)
+            plan = restore.plan_restore(params["set_path"], keys, **selection)
             module.exit_json(changed=True, **plan)
         report = restore.restore_set(
             params["set_path"],
-            key,
+            keys,
             **selection,
             jobs=params["jobs"],
             include_globals=params["globals"],

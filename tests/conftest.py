@@ -84,9 +84,16 @@ def new_db(cluster):
 
 @pytest.fixture(scope="session")
 def key_file(tmp_path_factory):
+    """The private key that reads the tests' sets (its public key is beside it, .pub)."""
     path = str(tmp_path_factory.mktemp("keys") / "backup.key")
-    crypto.generate_key_file(path)
+    crypto.generate_key_pair(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def recipient_file(key_file):
+    """The public key the tests' sets are written for, as a host holds it."""
+    return f"{key_file}.pub"
 
 
 @pytest.fixture(scope="session")
@@ -94,11 +101,23 @@ def key(key_file):
     return crypto.load_key(key_file)
 
 
+@pytest.fixture(scope="session")
+def recipients(recipient_file):
+    return crypto.load_recipients([recipient_file])
+
+
 @pytest.fixture
 def other_key_file(tmp_path):
     path = str(tmp_path / "other.key")
-    crypto.generate_key_file(path)
+    crypto.generate_key_pair(path)
     return path
+
+
+def version1_key_file(path) -> str:
+    """A format version 1 key file (sets made before version 2 still restore with it)."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(os.urandom(crypto.KEY_BYTES).hex() + "\n")
+    return str(path)
 
 
 def run_cli(*args, check=False, env=None, timeout=300, stdin=None, stdout=subprocess.PIPE):

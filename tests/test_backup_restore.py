@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -38,8 +39,8 @@ def rich_db(new_db):
 
 
 @pytest.fixture
-def rich_set(rich_db, key, tmp_path):
-    record = backup.create_backup_set(str(tmp_path / "backups"), key, databases=[rich_db])
+def rich_set(rich_db, key, tmp_path, recipients):
+    record = backup.create_backup_set(str(tmp_path / "backups"), recipients, databases=[rich_db])
     return rich_db, record["path"]
 
 
@@ -47,10 +48,12 @@ def rich_set(rich_db, key, tmp_path):
 
 
 @pytest.mark.parametrize(("dump_format", "jobs"), [("custom", 1), ("directory", 2)])
-def test_round_trip_keeps_schemas_large_objects_unicode_and_grants(rich_db, key, tmp_path, dump_format, jobs):
+def test_round_trip_keeps_schemas_large_objects_unicode_and_grants(
+    rich_db, key, tmp_path, dump_format, jobs, recipients
+):
     before = fingerprint(rich_db)
     record = backup.create_backup_set(
-        str(tmp_path / "b"), key, databases=[rich_db], dump_format=dump_format, jobs=jobs
+        str(tmp_path / "b"), recipients, databases=[rich_db], dump_format=dump_format, jobs=jobs
     )
     result = restore.restore_set(
         record["path"], key, databases=[rich_db], target_db=rich_db + "_copy", jobs=2
@@ -67,7 +70,7 @@ def test_manifest_describes_the_set(rich_set, key):
     record = manifest.load(path)
     manifest.check(record, key, path)
     assert record["complete"] is True
-    assert record["key_id"] == key.key_id
+    assert record["format_version"] == 2 and record["recipients"] == [key.key_id]
     assert record["server"]["version"].startswith(os.environ.get("PGBACKUP_TEST_PG_VERSION", "15"))
     assert [database["name"] for database in record["databases"]] == [rich_db]
     assert record["role_passwords"] is True
@@ -89,12 +92,12 @@ def test_backup_files_are_not_plaintext(rich_set):
             assert b"example.org" not in data and b"CREATE" not in data
 
 
-def test_globals_round_trip_restores_roles(rich_set, key):
+def test_globals_round_trip_restores_roles(rich_set, key, recipients):
     _, path = rich_set
     with connect() as conn:
         conn.execute("DROP ROLE IF EXISTS globals_probe")
         conn.execute("CREATE ROLE globals_probe LOGIN PASSWORD 'probe-password'")
-    record = backup.create_backup_set(os.path.dirname(path) + "-g", key, databases=[])
+    record = backup.create_backup_set(os.path.dirname(path) + "-g", recipients, databases=[])
     query("postgres", "DROP ROLE globals_probe")
     restore.restore_set(record["path"], key, databases=[], include_globals=True)
     rows = query(
@@ -214,6 +217,13 @@ def _truncate(keep):
     return damage
 
 
+def _keep_only_the_header(path):
+    target = _dump_file(path)
+    with open(target, "rb") as handle:
+        header = crypto.read_header(handle.read, target)
+    os.truncate(target, len(header.raw))
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -222,7 +232,7 @@ def _truncate(keep):
         (_flip(-1), "failed authentication"),
         (_truncate(-1), "truncated inside chunk"),
         (_truncate(0), "is empty"),
-        (_truncate(crypto.HEADER_BYTES), "without the final-chunk marker"),
+        (_keep_only_the_header, "without the final-chunk marker"),
     ],
     ids=["header-bit", "body-bit", "tag-bit", "truncated-mid-chunk", "emptied", "header-only"],
 )
@@ -231,15 +241,29 @@ def test_damaged_file_is_refused_and_target_untouched(rich_set, key, damage, mes
     assert message in _damage_and_restore_over(rich_db, path, key, damage)
 
 
-def test_file_from_another_set_is_refused(rich_db, key, tmp_path):
-    first = backup.create_backup_set(str(tmp_path / "b"), key, databases=[rich_db])["path"]
+def test_file_from_another_set_is_refused(rich_db, key, tmp_path, recipients):
+    first = backup.create_backup_set(str(tmp_path / "b"), recipients, databases=[rich_db])["path"]
     time.sleep(1.1)
-    second = backup.create_backup_set(str(tmp_path / "b"), key, databases=[rich_db])["path"]
+    second = backup.create_backup_set(str(tmp_path / "b"), recipients, databases=[rich_db])["path"]
 
     def swap(path):
         shutil.copyfile(_dump_file(second), _dump_file(path))
 
-    assert "does not match the manifest" in _damage_and_restore_over(rich_db, first, key, swap)
+    assert "moved between sets or renamed" in _damage_and_restore_over(rich_db, first, key, swap)
+
+
+def test_a_file_written_anew_for_the_same_place_is_refused(rich_set, key, recipients):
+    """Someone with the public key writes a valid file under the very name and binding:
+    the manifest's hash (sealed by its MAC) still tells it apart."""
+    rich_db, path = rich_set
+
+    def forge(set_path):
+        target = _dump_file(set_path)
+        binding = f"{os.path.basename(set_path)}/{os.path.basename(target)}"
+        with open(target, "wb") as handle:
+            crypto.encrypt_stream(io.BytesIO(b"PGDMP forged rows"), handle, recipients, binding=binding)
+
+    assert "does not match the manifest" in _damage_and_restore_over(rich_db, path, key, forge)
 
 
 def test_altered_manifest_is_refused(rich_set, key):
@@ -263,7 +287,8 @@ def test_wrong_key_is_refused_with_both_key_ids(rich_set, key, other_key_file):
     other = crypto.load_key(other_key_file)
     before = fingerprint(rich_db)
     with pytest.raises(
-        WrongKeyError, match=f"key id {key.key_id}, but the key file given has key id {other.key_id}"
+        WrongKeyError,
+        match=f"needs the key with id {key.key_id}, but the key.s. given have id {other.key_id}",
     ):
         restore.restore_set(path, other, databases=[rich_db], force=True)
     assert fingerprint(rich_db) == before
@@ -272,7 +297,7 @@ def test_wrong_key_is_refused_with_both_key_ids(rich_set, key, other_key_file):
 # ---- interrupted runs, full disk, dead server -----------------------------------------------
 
 
-def test_killed_backup_leaves_no_complete_set(new_db, key_file, tmp_path):
+def test_killed_backup_leaves_no_complete_set(new_db, recipient_file, tmp_path):
     big = new_db("big")
     query(
         big,
@@ -289,8 +314,8 @@ def test_killed_backup_leaves_no_complete_set(new_db, key_file, tmp_path):
             "backup",
             "--dest",
             str(dest),
-            "--key-file",
-            key_file,
+            "--recipient",
+            recipient_file,
             "--database",
             big,
             "--compression-level",
@@ -315,10 +340,10 @@ def test_killed_backup_leaves_no_complete_set(new_db, key_file, tmp_path):
     assert [entry["status"] for entry in json.loads(listed.stdout)] == ["incomplete"]
 
 
-def test_full_disk_fails_clearly_and_keeps_earlier_sets(rich_db, key, tiny_disk):
-    small = backup.create_backup_set(str(tiny_disk), key, databases=[])
+def test_full_disk_fails_clearly_and_keeps_earlier_sets(rich_db, key, tiny_disk, recipients):
+    small = backup.create_backup_set(str(tiny_disk), recipients, databases=[])
     with pytest.raises(PgBackupError, match="no space left on device"):
-        backup.create_backup_set(str(tiny_disk), key, databases=[rich_db], compression_level=0)
+        backup.create_backup_set(str(tiny_disk), recipients, databases=[rich_db], compression_level=0)
     sets = retention.scan(str(tiny_disk))
     assert [entry["name"] for entry in sets] == [small["name"]], "no partial set is left behind"
     restore.verify_set(small["path"], key)
@@ -333,31 +358,34 @@ def test_restore_without_staging_space_fails_before_touching_anything(rich_set, 
     assert databases_named(rich_db + "_y") == []
 
 
-def test_dead_server_fails_with_a_clear_message(key_file, tmp_path):
-    result = run_cli("backup", "--dest", str(tmp_path / "b"), "--key-file", key_file, env={"PGPORT": "1"})
+def test_dead_server_fails_with_a_clear_message(recipient_file, tmp_path):
+    result = run_cli(
+        "backup", "--dest", str(tmp_path / "b"), "--recipient", recipient_file, env={"PGPORT": "1"}
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("pgbackup: error: cannot connect to database 'postgres'")
     assert result.stderr.count("\n") == 1
     assert not any(os.scandir(tmp_path / "b")) if (tmp_path / "b").exists() else True
 
 
-def test_unknown_database_is_refused(key, tmp_path):
+def test_unknown_database_is_refused(key, tmp_path, recipients):
     with pytest.raises(PgBackupError, match="not found on the server: nope"):
-        backup.create_backup_set(str(tmp_path / "b"), key, databases=["nope"])
+        backup.create_backup_set(str(tmp_path / "b"), recipients, databases=["nope"])
 
 
 # ---- the CLI ---------------------------------------------------------------------------
 
 
-def test_cli_backup_verify_restore(rich_db, key_file, tmp_path):
+def test_cli_backup_verify_restore(rich_db, key_file, tmp_path, recipient_file):
     dest = str(tmp_path / "cli")
     made = run_cli(
-        "backup", "--dest", dest, "--key-file", key_file, "--database", rich_db, "--json", check=True
+        "backup", "--dest", dest, "--recipient", recipient_file, "--database", rich_db, "--json", check=True
     )
     path = json.loads(made.stdout)["path"]
     verified = run_cli("verify", path, "--key-file", key_file, check=True)
     assert re.search(
-        r": OK \(2 files, \d+ bytes encrypted, \d+ bytes of dump data\)$", verified.stdout.strip()
+        r": OK \(2 files, \d+ bytes encrypted, \d+ bytes of dump data; decrypted and authenticated\)$",
+        verified.stdout.strip(),
     )
     refused = run_cli("restore", path, "--key-file", key_file, "--database", rich_db)
     assert refused.returncode == 3
@@ -386,11 +414,11 @@ def test_cli_verify_of_corrupt_set_exits_non_zero(rich_set, key_file):
     assert "failed authentication" in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_restoring_every_database_includes_the_maintenance_database(rich_db, key, tmp_path):
+def test_restoring_every_database_includes_the_maintenance_database(rich_db, key, tmp_path, recipients):
     """A disaster restore takes all databases, `postgres` (the one we connect to) too."""
     query("postgres", "CREATE TABLE IF NOT EXISTS maintenance_probe (x int)")
     query("postgres", "INSERT INTO maintenance_probe VALUES (42)")
-    record = backup.create_backup_set(str(tmp_path / "all"), key, databases=["postgres", rich_db])
+    record = backup.create_backup_set(str(tmp_path / "all"), recipients, databases=["postgres", rich_db])
     query("postgres", "INSERT INTO maintenance_probe VALUES (43)")
     result = restore.restore_set(record["path"], key, force=True, jobs=2)
     kept = {item["target"]: item["kept_previous_as"] for item in result["databases"]}

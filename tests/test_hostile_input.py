@@ -24,7 +24,7 @@ from conftest import ROOT, connect, query, run_cli
 from pgbackup import backup, manifest, pg, physical, restore, retention
 from pgbackup.errors import CorruptError, PgBackupError, RefusedError
 from pgbackup.fsutil import hold
-from pgbackup.sets import stream_program_to_files
+from pgbackup.sets import SetWriter
 
 
 class RecordingServer:
@@ -99,8 +99,8 @@ def hostile_dbs(cluster, trap):
             )
 
 
-def test_database_names_are_never_connection_strings(hostile_dbs, trap, key, tmp_path):
-    record = backup.create_backup_set(str(tmp_path / "b"), key, databases=hostile_dbs)
+def test_database_names_are_never_connection_strings(hostile_dbs, trap, key, tmp_path, recipients):
+    record = backup.create_backup_set(str(tmp_path / "b"), recipients, databases=hostile_dbs)
     assert trap.received == [], "a database name sent a connection elsewhere"
     assert [database["name"] for database in record["databases"]] == hostile_dbs
     restore.verify_set(record["path"], key)
@@ -117,13 +117,15 @@ def test_database_names_are_never_connection_strings(hostile_dbs, trap, key, tmp
     assert trap.received == []
 
 
-def test_database_names_through_the_cli_and_directory_format(hostile_dbs, trap, key_file, tmp_path):
+def test_database_names_through_the_cli_and_directory_format(
+    hostile_dbs, trap, key_file, tmp_path, recipient_file
+):
     made = run_cli(
         "backup",
         "--dest",
         str(tmp_path / "b"),
-        "--key-file",
-        key_file,
+        "--recipient",
+        recipient_file,
         "--format",
         "directory",
         "--jobs",
@@ -152,8 +154,8 @@ def test_database_names_through_the_cli_and_directory_format(hostile_dbs, trap, 
 
 
 @pytest.fixture(scope="module")
-def small_set(cluster, key, tmp_path_factory):
-    return backup.create_backup_set(str(tmp_path_factory.mktemp("small")), key, databases=["postgres"])
+def small_set(cluster, key, tmp_path_factory, recipients):
+    return backup.create_backup_set(str(tmp_path_factory.mktemp("small")), recipients, databases=["postgres"])
 
 
 def copy_of(small_set, tmp_path):
@@ -228,11 +230,11 @@ def test_a_set_folder_holding_unexpected_entries_is_refused(small_set, key, tmp_
         restore.verify_set(str(path), key)
 
 
-def test_an_older_set_copied_over_a_newer_name_is_refused(cluster, key, tmp_path):
+def test_an_older_set_copied_over_a_newer_name_is_refused(cluster, key, tmp_path, recipients):
     dest = tmp_path / "b"
-    older = backup.create_backup_set(str(dest), key, databases=["postgres"])
+    older = backup.create_backup_set(str(dest), recipients, databases=["postgres"])
     time.sleep(1.1)
-    newer = backup.create_backup_set(str(dest), key, databases=["postgres"])
+    newer = backup.create_backup_set(str(dest), recipients, databases=["postgres"])
     shutil.rmtree(newer["path"])
     shutil.copytree(older["path"], newer["path"])
     with pytest.raises(
@@ -270,10 +272,17 @@ def limited_role(cluster, new_db):
         conn.execute("DROP ROLE limited_backup")
 
 
-def test_pg_dump_failure_reaches_the_user_in_its_own_words(limited_role, key_file, tmp_path):
+def test_pg_dump_failure_reaches_the_user_in_its_own_words(limited_role, key_file, tmp_path, recipient_file):
     env, database = limited_role
     result = run_cli(
-        "backup", "--dest", str(tmp_path / "b"), "--key-file", key_file, "--database", database, env=env
+        "backup",
+        "--dest",
+        str(tmp_path / "b"),
+        "--recipient",
+        recipient_file,
+        "--database",
+        database,
+        env=env,
     )
     assert result.returncode == 1
     assert "pg_dump of database" in result.stderr
@@ -282,16 +291,18 @@ def test_pg_dump_failure_reaches_the_user_in_its_own_words(limited_role, key_fil
     assert not [name for name in os.listdir(tmp_path / "b") if not name.startswith(".")]
 
 
-def test_pg_basebackup_failure_reaches_the_user_in_its_own_words(limited_role, key_file, tmp_path):
+def test_pg_basebackup_failure_reaches_the_user_in_its_own_words(
+    limited_role, key_file, tmp_path, recipient_file
+):
     env, _database = limited_role
-    result = run_cli("basebackup", "--dest", str(tmp_path / "b"), "--key-file", key_file, env=env)
+    result = run_cli("basebackup", "--dest", str(tmp_path / "b"), "--recipient", recipient_file, env=env)
     assert result.returncode == 1
     assert "pg_basebackup failed" in result.stderr
     assert "must be superuser or replication role" in result.stderr
     assert "seek of closed file" not in result.stderr and "Traceback" not in result.stderr
 
 
-def test_pg_dumpall_failure_reaches_the_user_in_its_own_words(cluster, key, tmp_path):
+def test_pg_dumpall_failure_reaches_the_user_in_its_own_words(cluster, recipients, tmp_path):
     argv = [
         pg.tool("pg_dumpall"),
         "--no-password",
@@ -302,8 +313,8 @@ def test_pg_dumpall_failure_reaches_the_user_in_its_own_words(cluster, key, tmp_
         PgBackupError,
         match=r"pg_dumpall --globals-only failed: pg_dumpall: error: could not connect to database .*no_such",
     ):
-        stream_program_to_files(
-            argv, [str(tmp_path / "globals.sql.enc")], key, 3, 1, "pg_dumpall --globals-only"
+        SetWriter(str(tmp_path), "logical-20261125T020000Z", recipients, 3, 1).stream_program(
+            argv, ["globals.sql.enc"], "pg_dumpall --globals-only"
         )
     assert not os.listdir(tmp_path)
 
@@ -439,14 +450,14 @@ def test_leftover_cleanup_touches_only_pgbackups_own_folders(tmp_path):
     assert sorted(os.listdir(shared)) == [".restore-photos", ".restore-theirs"]
 
 
-def test_prune_leaves_a_set_it_cannot_lock(cluster, key):
+def test_prune_leaves_a_set_it_cannot_lock(cluster, key, recipients):
     """A read-only set folder without a lock file: prune cannot know that nobody reads it,
     so it keeps it (and does not rename it into a half-deleted leftover). Run as `nobody`,
     for whom the read-only folder really is read-only."""
     dest = tempfile.mkdtemp(prefix="pgbackup-readonly-")
     try:
-        older = backup.create_backup_set(dest, key, databases=[])["name"]
-        newer = backup.create_backup_set(dest, key, databases=[])["name"]
+        older = backup.create_backup_set(dest, recipients, databases=[])["name"]
+        newer = backup.create_backup_set(dest, recipients, databases=[])["name"]
         os.unlink(os.path.join(dest, older, ".lock"))
         # The core as installed on a host (root-owned, readable by all), run by that user.
         library = os.path.join(dest, ".lib")

@@ -40,32 +40,39 @@ def app_db(new_db):
     return name
 
 
-def test_dump_check_mode_writes_nothing(app_db, key_file, tmp_path):
+def test_dump_check_mode_writes_nothing(app_db, recipient_file, key, tmp_path):
     result, _ = ansible(
         "pg_encrypted_dump",
-        {"dest": str(tmp_path / "b"), "key_file": key_file, "databases": [app_db]},
+        {"dest": str(tmp_path / "b"), "recipient_file": recipient_file, "databases": [app_db]},
         check=True,
     )
     assert result["changed"] is True
-    assert result["databases"] == [app_db]
+    assert result["databases"] == [app_db] and result["key_ids"] == [key.key_id]
     assert not (tmp_path / "b").exists()
 
 
 def test_dump_then_restore_through_modules(app_db, key, tmp_path, cluster):
-    key_hex = key.material.hex()
+    """Public keys as the inventory gives them to the dump; the private key as the vault
+    gives it to the restore, never shown in Ansible's output."""
+    key_text = key.text()
     password = cluster["password"]
     dumped, completed = ansible(
         "pg_encrypted_dump",
-        {"dest": str(tmp_path / "b"), "key": key_hex, "databases": [app_db], "login_password": password},
+        {
+            "dest": str(tmp_path / "b"),
+            "recipients": [key.public.text()],
+            "databases": [app_db],
+            "login_password": password,
+        },
     )
     assert not dumped.get("failed"), (dumped.get("msg"), dumped.get("module_stderr"), dumped.get("exception"))
-    assert dumped["changed"] is True and dumped["key_id"] == key.key_id
-    assert key_hex not in completed.stdout and password not in completed.stdout
+    assert dumped["changed"] is True and dumped["key_ids"] == [key.key_id]
+    assert password not in completed.stdout
     assert os.path.isdir(dumped["path"])
 
     planned, _ = ansible(
         "pg_encrypted_restore",
-        {"set_path": dumped["path"], "key": key_hex, "databases": [app_db], "target_db": app_db + "_m"},
+        {"set_path": dumped["path"], "key": key_text, "databases": [app_db], "target_db": app_db + "_m"},
         check=True,
     )
     assert planned["databases"] == [{"database": app_db, "target": app_db + "_m", "action": "create"}]
@@ -73,11 +80,11 @@ def test_dump_then_restore_through_modules(app_db, key, tmp_path, cluster):
         (0,)
     ]
 
-    restored, _ = ansible(
+    restored, restored_output = ansible(
         "pg_encrypted_restore",
         {
             "set_path": dumped["path"],
-            "key": key_hex,
+            "key": key_text,
             "jobs": 2,
             "databases": [app_db],
             "target_db": app_db + "_m",
@@ -85,11 +92,13 @@ def test_dump_then_restore_through_modules(app_db, key, tmp_path, cluster):
     )
     assert restored["changed"] is True, restored
     assert fingerprint(app_db + "_m") == fingerprint(app_db)
+    assert key.material.hex() not in completed.stdout + restored_output.stdout
 
 
-def test_restore_refusal_is_a_clear_failure(app_db, key_file, tmp_path):
+def test_restore_refusal_is_a_clear_failure(app_db, key_file, recipient_file, tmp_path):
     dumped, _ = ansible(
-        "pg_encrypted_dump", {"dest": str(tmp_path / "b"), "key_file": key_file, "databases": [app_db]}
+        "pg_encrypted_dump",
+        {"dest": str(tmp_path / "b"), "recipient_file": recipient_file, "databases": [app_db]},
     )
     refused, _ = ansible(
         "pg_encrypted_restore",
@@ -100,20 +109,25 @@ def test_restore_refusal_is_a_clear_failure(app_db, key_file, tmp_path):
     assert "exists and is not empty" in refused["msg"]
 
 
-def test_malformed_key_option_fails_before_writing(tmp_path):
-    result, completed = ansible("pg_encrypted_dump", {"dest": str(tmp_path / "b"), "key": "not-a-key"})
+def test_malformed_or_private_recipient_fails_before_writing(key, tmp_path):
+    result, _ = ansible("pg_encrypted_dump", {"dest": str(tmp_path / "b"), "recipients": ["not-a-key"]})
     assert result["failed"] is True
     assert "malformed" in result["msg"]
-    assert "not-a-key" not in completed.stdout
+    # A private key where a public one belongs: refused, and never echoed back.
+    result, completed = ansible(
+        "pg_encrypted_dump", {"dest": str(tmp_path / "b"), "recipients": [key.text()]}
+    )
+    assert result["failed"] is True and "is not a public key" in result["msg"]
+    assert key.material.hex() not in completed.stdout
     assert not (tmp_path / "b").exists()
 
 
-def test_retention_module_reports_honestly(key, tmp_path, cluster):
+def test_retention_module_reports_honestly(recipients, tmp_path, cluster):
     from test_retention import make_set
 
     dest = tmp_path / "r"
     dest.mkdir()
-    young, old = make_set(dest, key, 1), make_set(dest, key, 60)
+    young, old = make_set(dest, recipients, 1), make_set(dest, recipients, 60)
     args = {"dest": str(dest), "keep_days": 30, "min_keep": 1}
     checked, _ = ansible("backup_retention", args, check=True)
     assert checked["changed"] is True and checked["removed"] == [old]
@@ -127,7 +141,8 @@ def test_retention_module_reports_honestly(key, tmp_path, cluster):
 
 
 def test_role_key_check_refuses_what_the_hosts_refuse(key):
-    """The backup role checks backup_key with the very function the hosts use."""
+    """The backup role checks backup_recipients (and the restore playbook the private
+    keys) with the very parser the hosts use, and never repeats a key in its message."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -136,6 +151,61 @@ def test_role_key_check_refuses_what_the_hosts_refuse(key):
     filters = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(filters)
     problem = filters.FilterModule().filters()["pgbackup_key_problem"]
-    assert "not a random key" in problem("0" * 64)
     assert "malformed" in problem("change me")
-    assert problem(key.material.hex()) == ""
+    assert problem(key.public.text()) == ""
+    for wrong in (key.text(), "0" * 64):
+        message = problem(wrong)
+        assert "not reach a database host" in message or "format version 1 key" in message
+        assert wrong.split()[-1] not in message
+    assert problem(key.text(), "reading") == ""
+    assert "private key is needed" in problem(key.public.text(), "reading")
+
+
+def test_the_rotation_report_says_which_sets_no_vault_key_reads():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "pgbackup_filters", os.path.join(ROOT, "filter_plugins", "pgbackup.py")
+    )
+    filters = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(filters)
+    report = filters.FilterModule().filters()["pgbackup_key_report"]
+    from pgbackup import crypto
+
+    old, new, escrow = (crypto.PrivateKey.generate() for _ in range(3))
+
+    def made(name, started, *keys):
+        return {
+            "status": "complete",
+            "name": name,
+            "started_at": started,
+            "key_ids": [k.key_id for k in keys],
+        }
+
+    sets = {
+        "db1": [
+            made("logical-2", "2026-11-02T02:00:00Z", new, escrow),
+            made("logical-1", "2026-11-01T02:00:00Z", old, escrow),
+        ],
+        "db2": [made("logical-0", "2026-10-01T02:00:00Z", old, escrow)],
+    }
+    out = report(sets, [new.text()], [new.public.text(), escrow.public.text()])
+    assert out["unreadable"] == [
+        f"db1:logical-1 (keys {old.key_id}, {escrow.key_id})",
+        f"db2:logical-0 (keys {old.key_id}, {escrow.key_id})",
+    ]
+    assert f"key {new.key_id} (in the vault) reads 1 set(s), the newest db1:logical-2" in out["lines"]
+    assert out["retire"] == []
+    out = report(sets, [new.text(), old.text()], [new.public.text(), escrow.public.text()])
+    assert out["unreadable"] == [] and out["needed"][old.key_id] == ["db2:logical-0", "db1:logical-1"]
+    gone = {"db1": [made("logical-2", "2026-11-02T02:00:00Z", new, escrow)]}
+    assert report(gone, [new.text(), old.text()], [new.public.text()])["retire"] == [old.key_id]
+    for line in out["lines"]:
+        assert old.material.hex() not in line and new.material.hex() not in line
+
+
+def test_a_public_key_given_as_the_restore_key_is_a_clear_failure(key, tmp_path):
+    result, _ = ansible(
+        "pg_encrypted_restore", {"set_path": str(tmp_path), "key": key.public.text(), "databases": ["x"]}
+    )
+    assert result["failed"] is True and "holds a public key" in result["msg"]

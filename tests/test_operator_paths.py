@@ -25,9 +25,11 @@ def test_tools_are_found_in_the_servers_bin_directory(monkeypatch):
         pg.tool("pg_verifybackup", 99)
 
 
-def test_restore_base_runs_with_the_path_cron_has(cluster, key_file, tmp_path):
+def test_restore_base_runs_with_the_path_cron_has(cluster, key_file, tmp_path, recipient_file):
     env = {"PGBACKUP_PG_BIN": "", "PATH": DEBIAN_PATH}
-    made = run_cli("basebackup", "--dest", str(tmp_path / "b"), "--key-file", key_file, env=env, check=True)
+    made = run_cli(
+        "basebackup", "--dest", str(tmp_path / "b"), "--recipient", recipient_file, env=env, check=True
+    )
     restored = run_cli(
         "restore-base",
         made.stdout.strip(),
@@ -51,11 +53,19 @@ def postgres_owned(tmp_path):
 
 @pytest.mark.parametrize("command", ["backup", "basebackup", "prune"])
 def test_writing_as_another_user_than_the_backup_directorys_is_refused(
-    cluster, key_file, postgres_owned, command
+    cluster, key_file, postgres_owned, command, recipient_file
 ):
     args = {
-        "backup": ["backup", "--dest", str(postgres_owned), "--key-file", key_file, "--database", "postgres"],
-        "basebackup": ["basebackup", "--dest", str(postgres_owned), "--key-file", key_file],
+        "backup": [
+            "backup",
+            "--dest",
+            str(postgres_owned),
+            "--recipient",
+            recipient_file,
+            "--database",
+            "postgres",
+        ],
+        "basebackup": ["basebackup", "--dest", str(postgres_owned), "--recipient", recipient_file],
         "prune": ["prune", "--dest", str(postgres_owned)],
     }[command]
     result = run_cli(*args)
@@ -69,13 +79,15 @@ def test_writing_as_another_user_than_the_backup_directorys_is_refused(
     assert os.listdir(postgres_owned) == []
 
 
-def test_the_scheduled_run_as_root_is_refused_and_logged(cluster, key_file, postgres_owned, tmp_path):
+def test_the_scheduled_run_as_root_is_refused_and_logged(
+    cluster, key_file, postgres_owned, tmp_path, recipients, recipient_file
+):
     settings = tmp_path / "run.json"
     settings.write_text(
         json.dumps(
             {
                 "backup_dir": str(postgres_owned),
-                "key_file": key_file,
+                "recipients": recipient_file,
                 "log_file": str(tmp_path / "log"),
                 "metrics_dir": str(tmp_path),
             }
@@ -89,9 +101,9 @@ def test_the_scheduled_run_as_root_is_refused_and_logged(cluster, key_file, post
 
 
 @pytest.fixture(scope="module")
-def sets(cluster, key, tmp_path_factory):
+def sets(cluster, key, tmp_path_factory, recipients):
     dest = tmp_path_factory.mktemp("paths")
-    logical = backup.create_backup_set(str(dest), key, databases=["postgres"])
+    logical = backup.create_backup_set(str(dest), recipients, databases=["postgres"])
     return dest, logical
 
 
@@ -116,8 +128,12 @@ def test_a_bare_set_name_is_looked_up_in_the_backup_directory(sets, key_file):
     assert "Traceback" not in result.stderr
 
 
-def test_restore_of_a_base_backup_points_at_point_in_time_recovery(cluster, key_file, tmp_path):
-    base = run_cli("basebackup", "--dest", str(tmp_path), "--key-file", key_file, check=True).stdout.strip()
+def test_restore_of_a_base_backup_points_at_point_in_time_recovery(
+    cluster, key_file, tmp_path, recipient_file
+):
+    base = run_cli(
+        "basebackup", "--dest", str(tmp_path), "--recipient", recipient_file, check=True
+    ).stdout.strip()
     result = run_cli("restore", base, "--key-file", key_file)
     assert result.returncode == 1
     assert "is a physical set (a base backup), not a dump" in result.stderr
@@ -125,11 +141,15 @@ def test_restore_of_a_base_backup_points_at_point_in_time_recovery(cluster, key_
     assert "the start of a point-in-time recovery" in result.stderr
 
 
-def test_kept_databases_are_listed_left_out_of_dumps_and_dropped_on_request(new_db, key_file, tmp_path):
+def test_kept_databases_are_listed_left_out_of_dumps_and_dropped_on_request(
+    new_db, key_file, tmp_path, recipient_file
+):
     app = new_db("app")
     seed_rich_database(app)
     dest = tmp_path / "b"
-    first = run_cli("backup", "--dest", str(dest), "--key-file", key_file, "--database", app, check=True)
+    first = run_cli(
+        "backup", "--dest", str(dest), "--recipient", recipient_file, "--database", app, check=True
+    )
     replaced = run_cli(
         "restore",
         first.stdout.strip(),
@@ -146,7 +166,7 @@ def test_kept_databases_are_listed_left_out_of_dumps_and_dropped_on_request(new_
     listed = run_cli("list", "--dest", str(dest), check=True).stdout
     assert "databases kept by restore --force" in listed and kept in listed
     # A backup of every database leaves the kept copy out...
-    everything = run_cli("backup", "--dest", str(dest), "--key-file", key_file, "--json", check=True)
+    everything = run_cli("backup", "--dest", str(dest), "--recipient", recipient_file, "--json", check=True)
     dumped = [database["name"] for database in json.loads(everything.stdout)["databases"]]
     assert app in dumped and kept not in dumped
     # ...and it goes by name or by age, never another database.

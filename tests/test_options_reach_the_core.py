@@ -15,6 +15,7 @@ import itertools
 import os
 import subprocess
 import sys
+import types
 
 import pgbackup
 import pytest
@@ -39,7 +40,7 @@ CORE_CALLS = [
     (run, "check"),
     (restore, "kept_databases"),
     (restore, "drop_kept"),
-    (crypto, "generate_key_file"),
+    (crypto, "generate_key_pair"),
     (crypto, "encrypt_stream"),
     (crypto, "decrypt_stream"),
 ]
@@ -69,10 +70,18 @@ def recorders(monkeypatch, saved_environment):
 
     for module, name in CORE_CALLS:
         monkeypatch.setattr(module, name, recorder)
-    # The key is the one thing a face resolves before calling the core: keep its source.
+    # Keys are the one thing a face resolves before calling the core: keep their source.
     for module in (crypto, connection):
-        monkeypatch.setattr(module, "load_key", lambda path, writing=False: f"<key from {path}>")
+        monkeypatch.setattr(module, "load_key_ring", lambda paths: f"<keys from {paths}>")
+        monkeypatch.setattr(
+            module, "load_recipients", lambda paths: types.SimpleNamespace(keys=[f"<recipient from {paths}>"])
+        )
         monkeypatch.setattr(module, "parse_key", lambda raw, source, writing=False: f"<key {raw.decode()}>")
+        monkeypatch.setattr(module, "parse_public_keys", lambda texts, source: [f"<recipient {texts}>"])
+        monkeypatch.setattr(module, "KeyRing", lambda keys: f"<ring {list(keys)}>")
+        monkeypatch.setattr(
+            module, "recipients_of", lambda keys: types.SimpleNamespace(keys=keys, key_ids=keys)
+        )
 
 
 counter = itertools.count(7001)
@@ -177,7 +186,7 @@ def test_every_module_option_reaches_the_core(name, check_mode, key_option, reco
     module = load_module(name)
     options = module_spec(module)
     if key_option == "key" and "key" not in options:
-        pytest.skip("this module takes no key")
+        pytest.skip("this module takes no private key")
     for variable in CONNECTION_ENV.values():
         monkeypatch.delenv(variable, raising=False)
     params, expected, flags = {}, {}, []
@@ -199,7 +208,15 @@ def test_every_module_option_reaches_the_core(name, check_mode, key_option, reco
     # Check mode plans; the options that only the real run uses are the run's (the dump's
     # plan reports the key id, which the face reads itself).
     plan_only = {
-        "pg_encrypted_dump": {"format", "jobs", "compression_level", "threads", "dest", "key", "key_file"},
+        "pg_encrypted_dump": {
+            "format",
+            "jobs",
+            "compression_level",
+            "threads",
+            "dest",
+            "recipients",
+            "recipient_file",
+        },
         "pg_encrypted_restore": {"jobs", "globals", "staging_dir"},
     }.get(name, set())
     for option, shown in expected.items():
@@ -221,7 +238,7 @@ def test_every_module_option_reaches_the_core(name, check_mode, key_option, reco
 def test_module_connection_defaults_to_verified_tls(recorders, monkeypatch):
     monkeypatch.delenv("PGSSLMODE", raising=False)
     module = load_module("pg_encrypted_dump")
-    with patch_module_args({"dest": "/nowhere", "key_file": "/k"}), pytest.raises(Reached):
+    with patch_module_args({"dest": "/nowhere", "recipient_file": "/k.pub"}), pytest.raises(Reached):
         module.main()
     assert os.environ["PGSSLMODE"] == "verify-full"
 

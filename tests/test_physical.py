@@ -21,13 +21,13 @@ from pgcluster import PG_BIN, as_cluster_owner, free_port
 
 
 @pytest.fixture(scope="module")
-def base_set(cluster, key, tmp_path_factory):
+def base_set(cluster, key, tmp_path_factory, recipients):
     query("postgres", "DROP TABLE IF EXISTS physical_probe")
     query(
         "postgres", "CREATE TABLE physical_probe AS SELECT g, md5(g::text) FROM generate_series(1, 50000) g"
     )
     dest = tmp_path_factory.mktemp("physical")
-    return physical.create_base_backup(str(dest), key)
+    return physical.create_base_backup(str(dest), recipients)
 
 
 @pytest.fixture
@@ -109,10 +109,10 @@ def test_corrupt_base_backup_leaves_no_half_restored_folder(base_set, key, tmp_p
     assert not target.exists()
 
 
-def test_wrong_key_is_refused_before_anything_is_unpacked(base_set, tmp_path):
-    other = crypto.generate_key_file(str(tmp_path / "other.key"))
+def test_wrong_key_is_refused_before_anything_is_unpacked(base_set, other_key_file, tmp_path):
+    other = crypto.load_key(other_key_file)
     target = restore_target(tmp_path)
-    with pytest.raises(WrongKeyError, match="but the key file given has key id"):
+    with pytest.raises(WrongKeyError, match=r"needs the key with id .* but the key.s. given have id"):
         physical.restore_base(base_set["path"], other, str(target))
     assert not target.exists()
 
@@ -138,15 +138,16 @@ def test_full_disk_is_refused_before_unpacking(base_set, key, tiny_disk):
 
 def resealed_copy(base_set, key, folder, edit) -> str:
     """A copy of the set whose tars went through edit(member, data) -> (member, data) or
-    None, then were encrypted and sealed again with the key: a base backup that is
+    None, then were encrypted and sealed again for the key: a base backup that is
     authentic to the stream but not what PostgreSQL's backup_manifest describes."""
+    recipients = crypto.Recipients((key.public,))
     copy = folder / "resealed" / base_set["name"]
     shutil.copytree(base_set["path"], copy)
     record = manifest.load(str(copy))
     for part in record["base"]:
         plain, edited = folder / "part.tar", folder / "edited.tar"
         with open(copy / part["path"], "rb") as source, open(plain, "wb") as target:
-            crypto.decrypt_stream(source, target, key)
+            crypto.decrypt_stream(source, target, key, binding=manifest.binding(str(copy), part))
         with tarfile.open(plain) as original, tarfile.open(edited, "w", format=tarfile.GNU_FORMAT) as result:
             for member in original:
                 data = original.extractfile(member).read() if member.isfile() else None
@@ -154,10 +155,11 @@ def resealed_copy(base_set, key, folder, edit) -> str:
                 if kept is not None:
                     result.addfile(kept[0], None if kept[1] is None else io.BytesIO(kept[1]))
         with open(edited, "rb") as source, open(copy / part["path"], "wb") as target:
-            stats = crypto.encrypt_stream(source, target, key)
+            stats = crypto.encrypt_stream(source, target, recipients, manifest.binding(str(copy), part))
         part.update(size=stats.encrypted_bytes, plaintext_size=stats.plaintext_bytes, sha256=stats.sha256)
+    record.pop("seal")
     with open(copy / manifest.MANIFEST_NAME, "w") as handle:
-        json.dump(manifest.seal(record, key), handle)
+        json.dump(manifest.seal(record, recipients), handle)
     return str(copy)
 
 
@@ -190,11 +192,13 @@ def test_verify_checksums_reads_the_restored_files_back(base_set, key, tmp_path)
     assert report["checksums_verified"] is True
 
 
-def test_cli_basebackup_and_separate_retention(cluster, key_file, tmp_path):
+def test_cli_basebackup_and_separate_retention(cluster, key_file, tmp_path, recipient_file):
     dest = tmp_path / "mixed"
-    base = run_cli("basebackup", "--dest", str(dest), "--key-file", key_file, check=True).stdout.strip()
+    base = run_cli(
+        "basebackup", "--dest", str(dest), "--recipient", recipient_file, check=True
+    ).stdout.strip()
     logical = run_cli(
-        "backup", "--dest", str(dest), "--key-file", key_file, "--database", "postgres", check=True
+        "backup", "--dest", str(dest), "--recipient", recipient_file, "--database", "postgres", check=True
     ).stdout.strip()
     assert os.path.basename(base).startswith("physical-") and os.path.basename(logical).startswith("logical-")
     assert run_cli("verify", base, "--key-file", key_file, check=True).returncode == 0
@@ -275,7 +279,7 @@ def test_tar_splitter_refuses_what_is_not_a_whole_tar():
         physical.TarSplitter([io.BytesIO()]).write(bytes(original))
 
 
-def test_program_dying_mid_stream_is_reported_by_its_own_error(key, tmp_path):
+def test_program_dying_mid_stream_is_reported_by_its_own_error(recipients, tmp_path):
     """When the program's output stops short, the error is the program's, not the tar's,
     and no file of the half-written backup is left behind."""
     tar_file = tmp_path / "sample.tar"
@@ -285,7 +289,7 @@ def test_program_dying_mid_stream_is_reported_by_its_own_error(key, tmp_path):
         "-c",
         f"head -c 2000 {tar_file}; echo 'pg_basebackup: error: connection lost' >&2; exit 1",
     ]
-    paths = [str(tmp_path / "a.enc"), str(tmp_path / "b.enc")]
+    writer = sets.SetWriter(str(tmp_path), "physical-20261129T040000Z", recipients, 3, 1)
     with pytest.raises(PgBackupError, match="pg_basebackup failed: pg_basebackup: error: connection lost"):
-        sets.stream_program_to_files(argv, paths, key, 3, 1, "pg_basebackup", splitter=physical.TarSplitter)
+        writer.stream_program(argv, ["a.enc", "b.enc"], "pg_basebackup", splitter=physical.TarSplitter)
     assert sorted(os.listdir(tmp_path)) == ["sample.tar"]

@@ -42,12 +42,24 @@ def site(tmp_path):
     shutil.copytree(os.path.join(ROOT, "inventories", "production"), site)
     vault = site / "group_vars" / "postgresql" / "vault.yml"
     shutil.copy(site / "group_vars" / "postgresql" / "vault.yml.example", vault)
-    key_file = tmp_path / "backup.key"
-    made = subprocess.run(
-        ["make", "-s", "-C", ROOT, "keygen", f"KEY={key_file}"], capture_output=True, text=True, check=False
-    )
-    assert made.returncode == 0, made.stdout + made.stderr
-    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    keys = {}
+    for name in ("ops", "escrow"):
+        key_file = tmp_path / f"{name}.key"
+        made = subprocess.run(
+            ["make", "-s", "-C", ROOT, "keygen", f"KEY={key_file}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert made.returncode == 0, made.stdout + made.stderr
+        assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+        assert oct((tmp_path / f"{name}.key.pub").stat().st_mode & 0o777) == "0o644"
+        keys[name] = {
+            kind: next(
+                line for line in (tmp_path / f"{name}.{kind}").read_text().splitlines() if line[0] != "#"
+            )
+            for kind in ("key", "key.pub")
+        }
     values = yaml.safe_load(vault.read_text())
     # Throwaway values, as a user would type them in.
     values.update(
@@ -65,7 +77,7 @@ def site(tmp_path):
         "site": site,
         "vault": vault,
         "values": values,
-        "key": key_file,
+        "keys": keys,
         "password": password_file,
     }
 
@@ -113,15 +125,36 @@ def check_inputs(site):
     )
 
 
-def test_a_filled_vault_with_a_made_key_passes_the_checks(site):
-    encrypt(site, vault_backup_key=site["key"].read_text().strip())
+def set_recipients(site, lines):
+    """Replace the example's placeholder lines of backup_recipients, as a user would."""
+    main = site["site"] / "group_vars" / "postgresql" / "main.yml"
+    text = main.read_text()
+    placeholders = re.findall(r'^  - "PGBACKUP-PUBLIC-KEY-V2 replace-with[^"]*"$', text, re.MULTILINE)
+    assert len(placeholders) == len(lines) == 2
+    for placeholder, line in zip(placeholders, lines, strict=True):
+        text = text.replace(placeholder, f'  - "{line}"')
+    main.write_text(text)
+
+
+def test_filled_keys_and_vault_pass_the_checks(site):
+    set_recipients(site, [site["keys"]["ops"]["key.pub"], site["keys"]["escrow"]["key.pub"]])
+    encrypt(site, vault_backup_private_keys=[site["keys"]["ops"]["key"]])
     result = check_inputs(site)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[WARNING]" not in result.stdout + result.stderr
 
 
-def test_the_examples_key_left_in_the_vault_stops_the_play(site):
-    encrypt(site)  # vault_backup_key still the example's all-zero value
+def test_the_examples_placeholder_keys_stop_the_play(site):
+    encrypt(site)
     result = check_inputs(site)
     assert result.returncode != 0
-    assert "the example's all-zero key is refused" in " ".join(result.stdout.split())
+    assert "backup_recipients is malformed" in " ".join(result.stdout.split())
+
+
+def test_a_private_key_pasted_among_the_recipients_stops_the_play_unshown(site):
+    set_recipients(site, [site["keys"]["ops"]["key.pub"], site["keys"]["ops"]["key"]])
+    encrypt(site, vault_backup_private_keys=[site["keys"]["ops"]["key"]])
+    result = check_inputs(site)
+    assert result.returncode != 0
+    assert "holds a private key" in " ".join(result.stdout.split())
+    assert site["keys"]["ops"]["key"].split()[-1] not in result.stdout + result.stderr

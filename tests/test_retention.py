@@ -15,10 +15,10 @@ from pgbackup.fsutil import hold
 NOW = manifest.utc_now()
 
 
-def make_set(dest, key, days_old: float, name: str | None = None, kind: str = "logical") -> str:
+def make_set(dest, recipients, days_old: float, name: str | None = None, kind: str = "logical") -> str:
     """A real (globals-only) set whose sealed manifest says it is of `kind` and was taken
     days_old ago, under the matching folder name."""
-    path = backup.create_backup_set(str(dest), key, databases=[])["path"]
+    path = backup.create_backup_set(str(dest), recipients, databases=[])["path"]
     with open(os.path.join(path, "manifest.json")) as handle:
         record = json.load(handle)
     started = NOW - datetime.timedelta(days=days_old)
@@ -30,8 +30,9 @@ def make_set(dest, key, days_old: float, name: str | None = None, kind: str = "l
         finished_at=manifest.iso(started + datetime.timedelta(minutes=1)),
     )
     record.pop("mac")
+    record.pop("seal")
     with open(os.path.join(path, "manifest.json"), "w") as handle:
-        json.dump(manifest.seal(record, key), handle)
+        json.dump(manifest.seal(record, recipients), handle)
     os.rename(path, final)
     return os.path.basename(final)
 
@@ -47,31 +48,31 @@ def names(dest):
     return sorted(entry["name"] for entry in retention.scan(str(dest)) if entry["status"] == "complete")
 
 
-def test_keeps_young_sets_and_removes_old_ones(dest, key):
-    young = [make_set(dest, key, days) for days in (0.1, 5, 29)]
-    old = [make_set(dest, key, days) for days in (31, 45, 90)]
+def test_keeps_young_sets_and_removes_old_ones(dest, recipients):
+    young = [make_set(dest, recipients, days) for days in (0.1, 5, 29)]
+    old = [make_set(dest, recipients, days) for days in (31, 45, 90)]
     report = retention.prune(str(dest), keep_days=30, min_keep=2, now=NOW)
     assert sorted(report["removed"]) == sorted(old)
     assert names(dest) == sorted(young)
 
 
-def test_never_leaves_fewer_than_min_keep(dest, key):
-    sets = [make_set(dest, key, days) for days in (40, 50, 60, 70)]
+def test_never_leaves_fewer_than_min_keep(dest, recipients):
+    sets = [make_set(dest, recipients, days) for days in (40, 50, 60, 70)]
     report = retention.prune(str(dest), keep_days=30, min_keep=3, now=NOW)
     assert report["removed"] == [sets[3]]
     assert names(dest) == sorted(sets[:3])
 
 
-def test_never_deletes_the_newest_set_even_when_everything_is_old(dest, key):
-    sets = [make_set(dest, key, days) for days in (100, 200)]
+def test_never_deletes_the_newest_set_even_when_everything_is_old(dest, recipients):
+    sets = [make_set(dest, recipients, days) for days in (100, 200)]
     retention.prune(str(dest), keep_days=0, min_keep=1, now=NOW)
     assert names(dest) == [sets[0]]
 
 
-def test_orders_by_manifest_time_not_by_folder_name(dest, key):
+def test_orders_by_manifest_time_not_by_folder_name(dest, recipients):
     # The folder name claims 2099, the manifest says 60 days ago: the manifest wins.
-    misnamed_old = make_set(dest, key, 60, name="logical-20990101T000000Z")
-    misnamed_new = make_set(dest, key, 1, name="logical-20000101T000000Z")
+    misnamed_old = make_set(dest, recipients, 60, name="logical-20990101T000000Z")
+    misnamed_new = make_set(dest, recipients, 1, name="logical-20000101T000000Z")
     listed = retention.scan(str(dest))
     assert [entry["name"] for entry in listed] == [misnamed_new, misnamed_old]
     assert retention.latest_complete(listed)["name"] == misnamed_new
@@ -79,9 +80,9 @@ def test_orders_by_manifest_time_not_by_folder_name(dest, key):
     assert report["removed"] == [misnamed_old]
 
 
-def test_a_set_being_read_is_not_deleted(dest, key):
-    keep = make_set(dest, key, 1)
-    busy = make_set(dest, key, 90)
+def test_a_set_being_read_is_not_deleted(dest, recipients):
+    keep = make_set(dest, recipients, 1)
+    busy = make_set(dest, recipients, 90)
     with hold(os.path.join(str(dest), busy), exclusive=False, wait=True, what="test reader"):
         report = retention.prune(str(dest), keep_days=30, min_keep=1, now=NOW)
     assert report["held"] == [busy]
@@ -89,8 +90,8 @@ def test_a_set_being_read_is_not_deleted(dest, key):
     assert retention.prune(str(dest), keep_days=30, min_keep=1, now=NOW)["removed"] == [busy]
 
 
-def test_leftovers_of_interrupted_runs_go_after_a_day(dest, key):
-    make_set(dest, key, 1)
+def test_leftovers_of_interrupted_runs_go_after_a_day(dest, recipients):
+    make_set(dest, recipients, 1)
     stale, fresh, running = (dest / f".partial-logical-2026010{n}T000000Z" for n in (1, 2, 3))
     for path in (stale, fresh, running):
         path.mkdir()
@@ -105,8 +106,8 @@ def test_leftovers_of_interrupted_runs_go_after_a_day(dest, key):
     assert not stale.exists() and fresh.exists() and running.exists()
 
 
-def test_invalid_sets_are_reported_and_left_alone(dest, key):
-    make_set(dest, key, 1)
+def test_invalid_sets_are_reported_and_left_alone(dest, recipients):
+    make_set(dest, recipients, 1)
     broken = dest / "logical-20200101T000000Z"
     broken.mkdir()
     (broken / "manifest.json").write_text("{not json")
@@ -117,15 +118,15 @@ def test_invalid_sets_are_reported_and_left_alone(dest, key):
     assert statuses[broken.name] == "invalid"
 
 
-def test_dry_run_deletes_nothing(dest, key):
-    sets = [make_set(dest, key, days) for days in (1, 90)]
+def test_dry_run_deletes_nothing(dest, recipients):
+    sets = [make_set(dest, recipients, days) for days in (1, 90)]
     report = retention.prune(str(dest), keep_days=30, min_keep=1, dry_run=True, now=NOW)
     assert report["removed"] == [sets[1]]
     assert names(dest) == sorted(sets)
 
 
-def test_cli_list_and_prune(dest, key):
-    young, old = make_set(dest, key, 2), make_set(dest, key, 45)
+def test_cli_list_and_prune(dest, recipients):
+    young, old = make_set(dest, recipients, 2), make_set(dest, recipients, 45)
     listed = json.loads(run_cli("list", "--dest", str(dest), "--json", check=True).stdout)
     assert [entry["name"] for entry in listed] == [young, old]
     dry = run_cli(
@@ -149,11 +150,12 @@ def test_prune_of_a_missing_directory_fails_clearly(tmp_path):
 
 
 @pytest.fixture
-def mixed(dest, key):
+def mixed(dest, recipients):
     """Logical and physical sets of many ages, side by side as on a host."""
     ages = (1, 6, 13, 20, 27, 29.5, 31, 35, 45, 60, 90)
     return {
-        kind: {age: make_set(dest, key, age, kind=kind) for age in ages} for kind in ("logical", "physical")
+        kind: {age: make_set(dest, recipients, age, kind=kind) for age in ages}
+        for kind in ("logical", "physical")
     }
 
 

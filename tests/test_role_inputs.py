@@ -10,10 +10,9 @@ import pytest
 import yaml
 from conftest import ROOT, run_ansible
 
-GOOD = {
-    "backup_key": "5a1e0b7c2d3f4a5b6c7d8e9f0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d",
-    "backup_pg_password": "x",
-}
+PUBLIC = "PGBACKUP-PUBLIC-KEY-V2 dd8ed7ff60680e3c3d0125e333c85e550bf0b30872c789feb518bbd8ee380375"
+PRIVATE_HEX = "70d75ab8f06c26df66c8b839a5f1ba4e7acbbb708ffe2791ebe5e7474bc14754"
+GOOD = {"backup_recipients": [PUBLIC], "backup_pg_password": "x"}
 
 
 def validate(tmp_path, role="backup", **variables):
@@ -57,13 +56,23 @@ def test_good_inputs_pass_quietly(tmp_path):
         ({"backup_cron_minute": "*/0"}, "backup_cron_minute: cron minute '*/0' is not valid"),
         ({"backup_cron_weekday": "8"}, "backup_cron_weekday: cron weekday '8' is not valid"),
         ({"backup_physical_cron_hour": "5-3"}, "backup_physical_cron_hour: cron hour '5-3' is not valid"),
-        ({"backup_key": "0" * 64}, "the example's all-zero key is refused"),
+        ({"backup_recipients": []}, "Set backup_recipients to one or more public keys"),
+        ({"backup_recipients": [PUBLIC, "PGBACKUP-PUBLIC-KEY-V2 12"]}, "expected 64 hexadecimal characters"),
+        ({"backup_key": "ab" * 32}, "are format version 1's symmetric key"),
+        ({"backup_key_file": "/etc/pgbackup/old.key"}, "are format version 1's symmetric key"),
     ],
 )
 def test_values_that_cannot_work_fail_with_the_variables_name(tmp_path, variables, message):
     result = validate(tmp_path, **variables)
     assert result.returncode != 0
     assert message in " ".join(result.stdout.split())
+
+
+def test_a_private_key_among_the_recipients_is_refused_and_never_shown(tmp_path):
+    result = validate(tmp_path, backup_recipients=[PUBLIC, f"PGBACKUP-PRIVATE-KEY-V2 {PRIVATE_HEX}"])
+    assert result.returncode != 0
+    assert "holds a private key" in " ".join(result.stdout.split())
+    assert PRIVATE_HEX not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(

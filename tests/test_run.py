@@ -21,7 +21,7 @@ from pgcluster import free_port
 
 
 @pytest.fixture
-def site(cluster, key_file, tmp_path):
+def site(cluster, recipient_file, tmp_path):
     """A host's layout: backup dir (0700), log, metrics, rclone config, settings."""
     backups = tmp_path / "backups"
     backups.mkdir(mode=0o700)
@@ -42,7 +42,7 @@ def site(cluster, key_file, tmp_path):
             "ssl_rootcert": cluster["env"]["PGSSLROOTCERT"],
         },
         "backup_dir": str(backups),
-        "key_file": key_file,
+        "recipients": recipient_file,
         "logical": {"databases": ["postgres"], "keep_days": 30, "min_keep": 2},
         "offsite": {"target": f"offsite:{remote}", "keep_days": 90, "rclone_config": str(rclone_config)},
         "log_file": str(tmp_path / "pgbackup.log"),
@@ -97,6 +97,8 @@ def files_of(folder):
 
 
 def test_a_run_backs_up_verifies_prunes_copies_and_reports(site, key_file):
+    """The run holds only the public key (site's settings); the private key reads the
+    off-site copy."""
     result = run(site)
     assert result.returncode == 0, (result.stderr, log_text(site))
     (made,) = complete(site)
@@ -110,6 +112,7 @@ def test_a_run_backs_up_verifies_prunes_copies_and_reports(site, key_file):
         "logical run started",
         "backup written",
         "verify passed",
+        "structure, sizes and hashes: no private key here",
         "prune (logical",
         "off-site copy",
         "run finished:",
@@ -276,12 +279,12 @@ def remote_sets(site):
     return sorted(name for name in os.listdir(site["remote"]) if not name.startswith("."))
 
 
-def test_offsite_retention_keeps_the_newest_and_never_copies_back(site, key):
+def test_offsite_retention_keeps_the_newest_and_never_copies_back(site, recipients):
     from test_retention import make_set
 
     site["write"](logical={"keep_days": 400, "min_keep": 2}, physical={"min_keep": 1})
-    ages = {age: make_set(site["backups"], key, age) for age in (1, 50, 100, 120)}
-    old_base = make_set(site["backups"], key, 100, kind="physical")
+    ages = {age: make_set(site["backups"], recipients, age) for age in (1, 50, 100, 120)}
+    old_base = make_set(site["backups"], recipients, 100, kind="physical")
     assert run(site).returncode == 0, log_text(site)
     newest = complete(site)[0]["name"]
     # Off-site keeps 90 days, and at least 2 dumps and 1 base backup of any age.

@@ -4,4 +4,4 @@ The one core behind both faces: the on-host CLI (`python3 -m pgbackup`, installe
 `pgbackup`) and the Ansible modules in library/.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

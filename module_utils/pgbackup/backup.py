@@ -13,11 +13,11 @@ import os
 import re
 
 from . import manifest, pg
-from .crypto import Key
+from .crypto import Recipients, SymmetricKey
 from .errors import PgBackupError
 from .fsutil import fsync_dir
 from .restore import KEPT_NAME
-from .sets import build_set, encrypt_file, stream_program_to_files
+from .sets import SetWriter, build_set
 
 log = logging.getLogger("pgbackup")
 
@@ -28,10 +28,9 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60] or "_"
 
 
-def _dump_directory(
-    database: str, staging: str, target_dir: str, key: Key, level: int, threads: int, jobs: int, major: int
-) -> list[dict]:
+def _dump_directory(database: str, writer: SetWriter, stem: str, jobs: int, major: int) -> list[dict]:
     """pg_dump -Fd -j N into a private staging folder, then encrypt file by file."""
+    staging = writer.path(f".staging-{stem}")
     pg.run_tool(
         [
             pg.tool("pg_dump", major),
@@ -44,18 +43,17 @@ def _dump_directory(
         ],
         f"pg_dump of database {database!r}",
     )
-    os.mkdir(target_dir, 0o700)
+    os.mkdir(writer.path(f"{stem}.dir"), 0o700)
     entries = []
     for name in sorted(os.listdir(staging)):
         plain_path = os.path.join(staging, name)
         with open(plain_path, "rb") as source:
-            entry = encrypt_file(os.path.join(target_dir, f"{name}.enc"), source, key, level, threads)
+            entry = writer.encrypt(f"{stem}.dir/{name}.enc", source)
         os.unlink(plain_path)
-        entry["path"] = os.path.join(os.path.basename(target_dir), f"{name}.enc")
         entry["name"] = name
         entries.append(entry)
     os.rmdir(staging)
-    fsync_dir(target_dir)
+    fsync_dir(writer.path(f"{stem}.dir"))
     return entries
 
 
@@ -73,14 +71,15 @@ def plan(databases: list[str] | None = None) -> dict:
 
 def create_backup_set(
     dest: str,
-    key: Key,
+    to: Recipients | SymmetricKey,
     databases: list[str] | None = None,
     dump_format: str = "custom",
     jobs: int = 1,
     compression_level: int = 3,
     threads: int = 2,
 ) -> dict:
-    """Dump globals and databases into a new encrypted set under dest; return its manifest."""
+    """Dump globals and databases into a new set under dest, encrypted for `to` (the
+    recipients' public keys); return its manifest."""
     if dump_format not in FORMATS:
         raise PgBackupError(f"unknown dump format {dump_format!r}; use one of {', '.join(FORMATS)}")
     if jobs < 1:
@@ -92,34 +91,28 @@ def create_backup_set(
     major = pg.major_of(server["version_num"])
     level = compression_level
 
-    def fill(folder: str, record: dict):
+    def fill(writer: SetWriter, record: dict):
         log.info("backup %s started: %d database(s), format %s", record["name"], len(selected), dump_format)
-        # Only a superuser can read password hashes; others dump roles without them.
-        record["role_passwords"] = server["superuser"]
+        record["role_passwords"] = server["reads_password_hashes"]
         globals_argv = [
             pg.tool("pg_dumpall", major),
             "--no-password",
             "--globals-only",
             f"--database={pg.dbname_conninfo(pg.MAINTENANCE_DB)}",
         ]
-        if not server["superuser"]:
+        if not server["reads_password_hashes"]:
             globals_argv.append("--no-role-passwords")
-            log.warning("not a superuser: roles are dumped without their password hashes")
-        (entry,), _ = stream_program_to_files(
-            globals_argv,
-            [os.path.join(folder, "globals.sql.enc")],
-            key,
-            level,
-            threads,
-            "pg_dumpall --globals-only",
-        )
-        record["globals"] = {"path": "globals.sql.enc", **entry}
+            log.warning(
+                "the backup role cannot read pg_authid: roles are dumped without their password "
+                "hashes (GRANT pg_read_all_data TO it, as the postgresql role does)"
+            )
+        (entry,), _ = writer.stream_program(globals_argv, ["globals.sql.enc"], "pg_dumpall --globals-only")
+        record["globals"] = entry
         log.info("globals dumped: %d bytes", entry["size"])
         for index, database in enumerate(selected, start=1):
             stem = f"db-{index:03d}-{_safe_name(database['name'])}"
             if dump_format == "custom":
-                path = f"{stem}.dump.enc"
-                (entry,), _ = stream_program_to_files(
+                files, _ = writer.stream_program(
                     [
                         pg.tool("pg_dump", major),
                         "--no-password",
@@ -127,25 +120,12 @@ def create_backup_set(
                         "--compress=0",
                         f"--dbname={pg.dbname_conninfo(database['name'])}",
                     ],
-                    [os.path.join(folder, path)],
-                    key,
-                    level,
-                    threads,
+                    [f"{stem}.dump.enc"],
                     f"pg_dump of database {database['name']!r}",
                 )
-                files = [{"path": path, **entry}]
             else:
-                files = _dump_directory(
-                    database["name"],
-                    os.path.join(folder, f".staging-{stem}"),
-                    os.path.join(folder, f"{stem}.dir"),
-                    key,
-                    level,
-                    threads,
-                    jobs,
-                    major,
-                )
+                files = _dump_directory(database["name"], writer, stem, jobs, major)
             record["databases"].append({**database, "format": dump_format, "files": files})
             log.info("database %s dumped: %d bytes", database["name"], sum(f["size"] for f in files))
 
-    return build_set(dest, "logical", key, server, level, fill)
+    return build_set(dest, "logical", to, server, level, threads, fill)

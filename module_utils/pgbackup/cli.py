@@ -34,16 +34,31 @@ def _print(result, as_json: bool, human: str):
 
 
 def cmd_keygen(args):
-    key = crypto.generate_key_file(args.key_file)
-    print(f"wrote a new 256-bit key to {args.key_file} (key id {key.key_id}); keep a copy off this host")
+    key = crypto.generate_key_pair(args.key_file, args.public_file, args.comment)
+    public_file = args.public_file or f"{args.key_file}.pub"
+    print(
+        f"wrote a new private key to {args.key_file} and its public key to {public_file} "
+        f"(key id {key.key_id}).\n"
+        "Database hosts get only the public key; keep the private key in the vault and an escrow "
+        "copy offline: lose every private key and you lose every backup.\n"
+        f"{key.public.text()}"
+    )
+
+
+def _keys(args) -> crypto.KeyRing:
+    return crypto.load_key_ring(args.key_file)
+
+
+def _recipients(args) -> crypto.Recipients:
+    return crypto.load_recipients(args.recipient)
 
 
 def cmd_encrypt(args):
-    key = crypto.load_key(args.key_file, writing=True)
     crypto.encrypt_stream(
         sys.stdin.buffer,
         sys.stdout.buffer,
-        key,
+        _recipients(args),
+        binding=args.name,
         compression_level=args.compression_level,
         threads=args.threads,
     )
@@ -51,16 +66,16 @@ def cmd_encrypt(args):
 
 
 def cmd_decrypt(args):
-    key = crypto.load_key(args.key_file)
-    crypto.decrypt_stream(sys.stdin.buffer, sys.stdout.buffer, key, name="standard input")
+    crypto.decrypt_stream(
+        sys.stdin.buffer, sys.stdout.buffer, _keys(args), name="standard input", binding=args.name
+    )
     sys.stdout.buffer.flush()
 
 
 def cmd_backup(args):
-    key = crypto.load_key(args.key_file, writing=True)
     record = backup.create_backup_set(
         args.dest,
-        key,
+        _recipients(args),
         databases=args.database or None,
         dump_format=args.format,
         jobs=args.jobs,
@@ -71,35 +86,43 @@ def cmd_backup(args):
 
 
 def cmd_basebackup(args):
-    key = crypto.load_key(args.key_file, writing=True)
     record = physical.create_base_backup(
-        args.dest, key, compression_level=args.compression_level, threads=args.threads, parts=args.parts
+        args.dest,
+        _recipients(args),
+        compression_level=args.compression_level,
+        threads=args.threads,
+        parts=args.parts,
     )
     _print(record, args.json, record["path"])
 
 
 def cmd_restore_base(args):
-    key = crypto.load_key(args.key_file)
-    report = physical.restore_base(args.set, key, args.target_dir, verify_checksums=args.verify_checksums)
+    report = physical.restore_base(
+        args.set, _keys(args), args.target_dir, verify_checksums=args.verify_checksums
+    )
     _print(report, args.json, f"{report['name']} restored into {report['target_dir']} and verified")
 
 
 def cmd_verify(args):
-    key = crypto.load_key(args.key_file)
-    report = restore.verify_set(args.set, key)
+    report = restore.verify_set(args.set, _keys(args) if args.key_file else None)
+    how = (
+        "decrypted and authenticated"
+        if report["decrypted"]
+        else "structure, sizes and hashes; decrypting needs the private key of "
+        + " or ".join(report["key_ids"])
+    )
     _print(
         report,
         args.json,
         f"{report['set']}: OK ({report['files']} files, {report['encrypted_bytes']} bytes encrypted, "
-        f"{report['plaintext_bytes']} bytes of dump data)",
+        f"{report['plaintext_bytes']} bytes of dump data; {how})",
     )
 
 
 def cmd_restore(args):
-    key = crypto.load_key(args.key_file)
     report = restore.restore_set(
         args.set,
-        key,
+        _keys(args),
         databases=args.database or None,
         target_db=args.target_db,
         jobs=args.jobs,
@@ -120,7 +143,9 @@ def cmd_list(args):
     human = "\n".join(
         f"{entry['name']}  {entry['status']}"
         + (
-            f"  {entry['started_at']}  {entry['total_size']} bytes encrypted  {','.join(entry['databases'])}"
+            f"  {entry['started_at']}  {entry['total_size']} bytes encrypted"
+            f"  key {'|'.join(entry['key_ids'])}"
+            f"  {','.join(entry['databases'])}"
             if entry["status"] == "complete"
             else f"  {entry.get('reason', '')}".rstrip()
         )
@@ -154,6 +179,16 @@ def cmd_kept(args):
     _print(
         {"dropped": dropped, "dry_run": args.dry_run}, args.json, f"{verb}: {', '.join(dropped) or 'nothing'}"
     )
+
+
+def cmd_keys(args):
+    usage = retention.key_usage(args.dest)
+    human = "\n".join(
+        f"key {item['key_id']}: {item['sets']} set(s), "
+        f"newest {item['newest_set']}, oldest {item['oldest_set']}"
+        for item in usage
+    )
+    _print(usage, args.json, human or f"no complete backup sets in {args.dest}")
 
 
 def cmd_prune(args):
@@ -198,8 +233,22 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
         sub.set_defaults(handler=handler)
         return sub
 
-    def key_option(sub):
-        sub.add_argument("--key-file", required=True, help="file holding the 256-bit key (hex)")
+    def key_option(sub, required=True):
+        sub.add_argument(
+            "--key-file",
+            action="append",
+            required=required,
+            help="a private key file, or a key ring folder of *.key files (repeat); "
+            "a version 1 set takes its 64-hex-character key file",
+        )
+
+    def recipient_option(sub):
+        sub.add_argument(
+            "--recipient",
+            action="append",
+            required=True,
+            help="a public key file, or a folder of *.pub files, to encrypt for (repeat)",
+        )
 
     def settings_option(sub):
         sub.add_argument(
@@ -214,17 +263,21 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
         )
         sub.add_argument("--threads", type=int, default=2, help="zstd worker threads (default 2)")
 
-    sub = command("keygen", cmd_keygen, "write a new key file (mode 0600; never overwrites)")
-    key_option(sub)
+    sub = command("keygen", cmd_keygen, "write a new key pair (private 0600, public 0644; never overwrites)")
+    sub.add_argument("--key-file", required=True, help="the private key file to write")
+    sub.add_argument("--public-file", help="the public key file to write (default: KEY_FILE.pub)")
+    sub.add_argument("--comment", default="", help="a note written beside the key, e.g. its purpose and date")
     sub = command("encrypt", cmd_encrypt, "encrypt standard input to standard output")
-    key_option(sub)
+    recipient_option(sub)
+    sub.add_argument("--name", default="", help="the name the file is bound to (checked by decrypt --name)")
     compression_options(sub)
     sub = command("decrypt", cmd_decrypt, "decrypt standard input to standard output")
     key_option(sub)
+    sub.add_argument("--name", help="refuse a file written under another name (encrypt --name)")
 
     sub = command("backup", cmd_backup, "dump globals and databases into a new encrypted set")
     sub.add_argument("--dest", required=True, help="backup directory; the set is a new folder in it")
-    key_option(sub)
+    recipient_option(sub)
     sub.add_argument("--database", action="append", help="a database to dump (repeat); default: all")
     sub.add_argument("--format", choices=backup.FORMATS, default="custom", help="pg_dump format")
     sub.add_argument("--jobs", type=_positive, default=1, help="parallel pg_dump jobs (directory format)")
@@ -233,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
 
     sub = command("basebackup", cmd_basebackup, "pg_basebackup (tar, with its WAL) into a new encrypted set")
     sub.add_argument("--dest", required=True, help="backup directory; the set is a new folder in it")
-    key_option(sub)
+    recipient_option(sub)
     compression_options(sub)
     sub.add_argument(
         "--parts",
@@ -254,9 +307,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     )
     sub.add_argument("--json", action="store_true")
 
-    sub = command("verify", cmd_verify, "decrypt and check every file of a set; touches no database")
+    sub = command(
+        "verify",
+        cmd_verify,
+        "decrypt and check every file of a set (without --key-file: structure, sizes and hashes)",
+    )
     sub.add_argument("set", help="path of the backup set")
-    key_option(sub)
+    key_option(sub, required=False)
     sub.add_argument("--json", action="store_true")
 
     sub = command("restore", cmd_restore, "verify a set, then restore it")
@@ -275,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     sub.add_argument("--json", action="store_true")
 
     sub = command("list", cmd_list, "list backup sets, newest first")
+    sub.add_argument("--dest", required=True)
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("keys", cmd_keys, "which key ids the sets need: what key rotation must keep")
     sub.add_argument("--dest", required=True)
     sub.add_argument("--json", action="store_true")
 

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import os
 
-from .crypto import Key, load_key, parse_key
+from .crypto import (
+    KeyRing,
+    PublicKey,
+    Recipients,
+    load_key_ring,
+    load_recipients,
+    parse_key,
+    parse_public_keys,
+    recipients_of,
+)
+from .errors import KeyFileError
 
 DEFAULT_SSLMODE = "verify-full"
 
@@ -28,12 +38,20 @@ CONNECTION_ARGUMENT_SPEC = {
     "ssl_rootcert": {"type": "path"},
 }
 
+# Reading sets: a private key (or a version 1 key), as a file, a key ring folder or text.
 KEY_ARGUMENT_SPEC = {
     "key_file": {"type": "path", "no_log": False},
     "key": {"type": "str", "no_log": True},
 }
 KEY_MUTUALLY_EXCLUSIVE = [["key_file", "key"]]
 KEY_REQUIRED_ONE_OF = [["key_file", "key"]]
+# Writing sets: public keys only, as text or files (a folder of *.pub files). Public keys
+# are no secret, but a private key pasted here by mistake must not reach Ansible's output.
+RECIPIENT_ARGUMENT_SPEC = {
+    "recipients": {"type": "list", "elements": "str", "no_log": True},
+    "recipient_file": {"type": "path"},
+}
+RECIPIENT_REQUIRED_ONE_OF = [["recipients", "recipient_file"]]
 
 _LIBPQ_ENVIRONMENT = {
     "login_host": "PGHOST",
@@ -53,9 +71,20 @@ def apply_connection_params(params: dict):
             os.environ[variable] = str(params[option])
 
 
-def key_from_params(params: dict, writing: bool = False) -> Key:
-    """The key of a module's `key` or `key_file` option; `writing` for new backups,
-    which refuse a key that is not random (reading old sets only warns)."""
+def keys_from_params(params: dict) -> KeyRing:
+    """The keys of a module's `key` (text) or `key_file` (a file or key ring folder)."""
     if params.get("key") is not None:
-        return parse_key(params["key"].encode(), "the key given in the module's `key` option", writing)
-    return load_key(params["key_file"], writing)
+        key = parse_key(params["key"].encode(), "the key given in the module's `key` option")
+        if isinstance(key, PublicKey):
+            raise KeyFileError(
+                f"the module's `key` option holds a public key (id {key.key_id}): it cannot read "
+                "backups; give a private key"
+            )
+        return KeyRing([key])
+    return load_key_ring([params["key_file"]])
+
+
+def recipients_from_params(params: dict) -> Recipients:
+    """Whom a module's new set is for: `recipients` (public key lines) and `recipient_file`."""
+    keys = list(load_recipients([params["recipient_file"]]).keys) if params.get("recipient_file") else []
+    return recipients_of(keys + parse_public_keys(params.get("recipients") or [], "recipients"))

@@ -116,7 +116,8 @@ def server_info(conn) -> dict:
     row = conn.execute(
         "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
         " (SELECT system_identifier FROM pg_control_system()), pg_is_in_recovery(),"
-        " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
+        " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),"
+        " has_table_privilege('pg_catalog.pg_authid', 'SELECT')"
     ).fetchone()
     return {
         "version": row[0],
@@ -124,6 +125,9 @@ def server_info(conn) -> dict:
         "system_identifier": str(row[2]),
         "in_recovery": row[3],
         "superuser": row[4],
+        # Password hashes are in pg_authid: superusers read it, and so does a member
+        # of pg_read_all_data, as the postgresql role makes the backup role.
+        "reads_password_hashes": row[5],
     }
 
 

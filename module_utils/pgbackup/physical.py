@@ -14,11 +14,11 @@ import re
 import subprocess
 
 from . import pg
-from .crypto import Key
+from .crypto import KeyRing, Recipients, SymmetricKey
 from .errors import PgBackupError, RefusedError
 from .fsutil import describe_os_error, hold, remove_tree, require_free_space
 from .restore import decrypt_checked, open_set, resolve_set
-from .sets import build_set, stream_program_to_files
+from .sets import SetWriter, build_set
 
 log = logging.getLogger("pgbackup")
 
@@ -31,7 +31,7 @@ def base_file(part: int) -> str:
 
 
 def create_base_backup(
-    dest: str, key: Key, compression_level: int = 3, threads: int = 2, parts: int = 2
+    dest: str, to: Recipients | SymmetricKey, compression_level: int = 3, threads: int = 2, parts: int = 2
 ) -> dict:
     """Take a base backup into a new `physical-<time>` set under dest.
 
@@ -45,7 +45,7 @@ def create_base_backup(
     with pg.connect() as conn:
         server = pg.server_info(conn)
 
-    def fill(folder: str, record: dict):
+    def fill(writer: SetWriter, record: dict):
         log.info("base backup %s started (%d part(s))", record["name"], parts)
         argv = [
             pg.tool("pg_basebackup", pg.major_of(server["version_num"])),
@@ -58,16 +58,7 @@ def create_base_backup(
             f"--label=pgbackup {record['name']}",
         ]
         names = [base_file(part) for part in range(1, parts + 1)]
-        entries, stderr = stream_program_to_files(
-            argv,
-            [os.path.join(folder, name) for name in names],
-            key,
-            compression_level,
-            threads,
-            "pg_basebackup",
-            splitter=TarSplitter,
-        )
-        record["base"] = [{"path": name, **entry} for name, entry in zip(names, entries, strict=True)]
+        record["base"], stderr = writer.stream_program(argv, names, "pg_basebackup", splitter=TarSplitter)
         points = {kind: (lsn, timeline) for kind, lsn, timeline in _LSN.findall(stderr)}
         start_lsn, timeline = points.get("start", (None, ""))
         end_lsn, _ = points.get("end", (None, ""))
@@ -77,7 +68,7 @@ def create_base_backup(
             "timeline": int(timeline) if timeline else None,
         }
 
-    return build_set(dest, "physical", key, server, compression_level, fill)
+    return build_set(dest, "physical", to, server, compression_level, threads, fill)
 
 
 class TarSplitter:
@@ -175,7 +166,7 @@ def _tar_size(header: bytes) -> int:
     return int(field.split(b"\0")[0].strip() or b"0", 8)
 
 
-def restore_base(set_path: str, key: Key, target_dir: str, verify_checksums: bool = False) -> dict:
+def restore_base(set_path: str, keys: KeyRing, target_dir: str, verify_checksums: bool = False) -> dict:
     """Unpack a base backup into an empty (or new) folder, then pg_verifybackup it.
 
     Every byte handed to tar is authenticated on the way (AES-GCM per chunk, SHA-256 of
@@ -190,7 +181,7 @@ def restore_base(set_path: str, key: Key, target_dir: str, verify_checksums: boo
     set_path = resolve_set(set_path)
     target_dir = os.path.abspath(target_dir)
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
-        record = open_set(set_path, key)
+        record = open_set(set_path, keys)
         if record.get("kind") != "physical":
             raise PgBackupError(
                 f"{set_path} is a {record.get('kind')} set; restore-base needs a physical one"
@@ -207,7 +198,7 @@ def restore_base(set_path: str, key: Key, target_dir: str, verify_checksums: boo
         created = not os.path.exists(target_dir)
         try:
             os.makedirs(target_dir, mode=0o700, exist_ok=True)
-            _unpack(set_path, record["base"], key, target_dir)
+            _unpack(set_path, record, keys, target_dir)
             checks = [] if verify_checksums else ["--skip-checksums"]
             pg.run_tool(
                 [
@@ -234,8 +225,9 @@ def restore_base(set_path: str, key: Key, target_dir: str, verify_checksums: boo
     }
 
 
-def _unpack(set_path: str, parts: list[dict], key: Key, target_dir: str):
+def _unpack(set_path: str, record: dict, keys: KeyRing, target_dir: str):
     """Each part through its own tar, side by side; the first failure stops them all."""
+    parts = record["base"]
     tars: list[pg.ToolRun] = []
     pool = concurrent.futures.ThreadPoolExecutor(len(parts), thread_name_prefix="pgbackup-unpack")
     try:
@@ -254,7 +246,10 @@ def _unpack(set_path: str, parts: list[dict], key: Key, target_dir: str):
                     stdin=subprocess.PIPE,
                 )
             )
-        feeds = [pool.submit(_feed, set_path, part, key, tar) for part, tar in zip(parts, tars, strict=True)]
+        feeds = [
+            pool.submit(_feed, set_path, record, part, keys, tar)
+            for part, tar in zip(parts, tars, strict=True)
+        ]
         concurrent.futures.wait(feeds, return_when=concurrent.futures.FIRST_EXCEPTION)
         failed = next((feed for feed in feeds if feed.done() and feed.exception()), None)
         if failed is not None:
@@ -269,9 +264,9 @@ def _unpack(set_path: str, parts: list[dict], key: Key, target_dir: str):
         pool.shutdown(wait=True)
 
 
-def _feed(set_path: str, part: dict, key: Key, tar: pg.ToolRun):
+def _feed(set_path: str, record: dict, part: dict, keys: KeyRing, tar: pg.ToolRun):
     try:
-        decrypt_checked(set_path, part, key, tar.process.stdin)
+        decrypt_checked(set_path, part, keys, tar.process.stdin, record)
         tar.process.stdin.close()
     except BrokenPipeError:
         # tar stopped reading: its own error says why (a full disk, a damaged archive).

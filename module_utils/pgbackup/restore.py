@@ -16,7 +16,7 @@ import re
 import tempfile
 
 from . import manifest, pg
-from .crypto import Key, decrypt_stream
+from .crypto import VERSION_PUBLIC_KEY, KeyRing, as_key_ring, check_structure, decrypt_stream
 from .errors import CorruptError, PgBackupError, RefusedError
 from .fsutil import (
     check_set_folder,
@@ -44,25 +44,66 @@ class _Discard:
         return len(data)
 
 
-def decrypt_checked(set_path: str, entry: dict, key: Key, target) -> int:
-    """Decrypt one file of the set into target and check it against the manifest."""
+def _open_listed(set_path: str, entry: dict):
     path = os.path.join(set_path, entry["path"])
     try:
-        source = os.fdopen(open_no_follow(path, os.O_RDONLY), "rb")
+        return path, os.fdopen(open_no_follow(path, os.O_RDONLY), "rb")
     except FileNotFoundError:
         raise CorruptError(f"{path} is listed in the manifest but missing") from None
-    with source:
-        stats = decrypt_stream(source, target, key, name=path)
+
+
+def _check_against_manifest(path: str, stats, entry: dict):
     if stats.sha256 != entry["sha256"] or stats.encrypted_bytes != entry["size"]:
         raise CorruptError(
             f"{path} does not match the manifest (SHA-256 or size differs): "
             "it was replaced by another file or altered"
         )
-    if stats.plaintext_bytes != entry["plaintext_size"]:
+    if stats.plaintext_bytes is not None and stats.plaintext_bytes != entry["plaintext_size"]:
         raise CorruptError(
             f"{path} decrypts to {stats.plaintext_bytes} bytes; the manifest says {entry['plaintext_size']}"
         )
+
+
+def _header_of_the_set(path: str, record: dict):
+    """A check of a file's header: the set's format version and the set's key ids."""
+
+    def check(header):
+        expected_version = VERSION_PUBLIC_KEY if record["format_version"] == 2 else 1
+        if header.version != expected_version or sorted(header.key_ids) != sorted(manifest.key_ids(record)):
+            raise CorruptError(
+                f"{path} is a version {header.version} file for key id(s) {', '.join(header.key_ids)}; "
+                f"its set's manifest is version {record['format_version']} for "
+                f"{', '.join(manifest.key_ids(record))}"
+            )
+
+    return check
+
+
+def decrypt_checked(set_path: str, entry: dict, keys: KeyRing, target, record: dict) -> int:
+    """Decrypt one file of the set into target and check it against the manifest."""
+    path, source = _open_listed(set_path, entry)
+    with source:
+        stats = decrypt_stream(
+            source,
+            target,
+            keys,
+            name=path,
+            binding=manifest.binding(set_path, entry),
+            check_header=_header_of_the_set(path, record),
+        )
+    _check_against_manifest(path, stats, entry)
     return stats.plaintext_bytes
+
+
+def check_file_structure(set_path: str, entry: dict, record: dict):
+    """What a host without a private key can check of one file of a set: size and
+    SHA-256 against the manifest, a header of the set's version written for this set,
+    path and recipients, and every record framed up to one final record."""
+    path, source = _open_listed(set_path, entry)
+    with source:
+        header, stats = check_structure(source, path, binding=manifest.binding(set_path, entry))
+    _check_against_manifest(path, stats, entry)
+    _header_of_the_set(path, record)(header)
 
 
 def resolve_set(set_path: str) -> str:
@@ -95,25 +136,42 @@ def resolve_set(set_path: str) -> str:
     )
 
 
-def open_set(set_path: str, key: Key) -> dict:
-    """The checked manifest of a set whose folder holds nothing but plain files."""
+def open_set(set_path: str, keys: KeyRing | None, check_mac: bool = True) -> dict:
+    """The manifest of a set whose folder holds nothing but plain files, bound to this
+    folder, with its MAC checked by one of the keys (which reading a set needs);
+    `check_mac=False` only for the check a host without a private key can make."""
     check_set_folder(set_path)
     record = manifest.load(set_path)
-    manifest.check(record, key, set_path)
+    if check_mac:
+        if keys is None:
+            raise PgBackupError(f"reading {set_path} needs its private key (--key-file)")
+        manifest.check(record, as_key_ring(keys), set_path)
     return record
 
 
-def verify_set(set_path: str, key: Key) -> dict:
-    """Decrypt every file of the set and check it; touches no database."""
+def verify_set(set_path: str, keys: KeyRing | None = None) -> dict:
+    """With keys: decrypt and authenticate every file of the set. Without (a database
+    host holds only public keys): check every file's structure, size and hash against
+    the manifest. Touches no database either way."""
     set_path = resolve_set(set_path)
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
-        record = open_set(set_path, key)
+        record = open_set(set_path, keys, check_mac=keys is not None)
         plaintext = 0
         count = 0
         for entry, _database in manifest.files_of(record):
-            plaintext += decrypt_checked(set_path, entry, key, _Discard())
+            if keys is None:
+                check_file_structure(set_path, entry, record)
+                plaintext += entry["plaintext_size"]
+            else:
+                plaintext += decrypt_checked(set_path, entry, as_key_ring(keys), _Discard(), record)
             count += 1
-    log.info("verified %s: %d file(s), %d bytes of dump data", set_path, count, plaintext)
+    log.info(
+        "verified %s (%s): %d file(s), %d bytes of dump data",
+        set_path,
+        "decrypted" if keys is not None else "structure, sizes and hashes; no private key",
+        count,
+        plaintext,
+    )
     return {
         "set": set_path,
         "name": record["name"],
@@ -122,6 +180,8 @@ def verify_set(set_path: str, key: Key) -> dict:
         "plaintext_bytes": plaintext,
         "databases": [database["name"] for database in record["databases"]],
         "started_at": record["started_at"],
+        "decrypted": keys is not None,
+        "key_ids": manifest.key_ids(record),
     }
 
 
@@ -158,7 +218,7 @@ def _preflight(targets: list[tuple[dict, str]], force: bool) -> dict[str, str]:
 
 
 def _stage(
-    set_path: str, record: dict, key: Key, staging: str, databases: list[dict], include_globals: bool
+    set_path: str, record: dict, keys: KeyRing, staging: str, databases: list[dict], include_globals: bool
 ) -> dict:
     """Decrypt what the restore needs into staging; returns the staged paths."""
     staged = {}
@@ -175,7 +235,7 @@ def _stage(
     for entry, path in jobs:
         try:
             with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as target:
-                decrypt_checked(set_path, entry, key, target)
+                decrypt_checked(set_path, entry, keys, target, record)
         except OSError as error:
             raise describe_os_error(error, f"staging {entry['path']} in {staging}") from None
     if include_globals:
@@ -203,8 +263,8 @@ def _restore_globals(path: str):
         raise PgBackupError(f"restoring the globals failed: {errors[0].strip()}")
 
 
-def _plan(set_path: str, key: Key, databases: list[str] | None, target_db: str | None, force: bool):
-    record = open_set(set_path, key)
+def _plan(set_path: str, keys: KeyRing, databases: list[str] | None, target_db: str | None, force: bool):
+    record = open_set(set_path, keys)
     if record["kind"] != "logical":
         raise PgBackupError(
             f"{set_path} is a {record['kind']} set (a base backup), not a dump: unpack it with "
@@ -219,7 +279,7 @@ def _plan(set_path: str, key: Key, databases: list[str] | None, target_db: str |
 
 def plan_restore(
     set_path: str,
-    key: Key,
+    keys: KeyRing,
     databases: list[str] | None = None,
     target_db: str | None = None,
     force: bool = False,
@@ -227,7 +287,7 @@ def plan_restore(
     """What restore_set would do, and whether it would refuse; writes nothing."""
     set_path = resolve_set(set_path)
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
-        record, _selected, targets, fates = _plan(set_path, key, databases, target_db, force)
+        record, _selected, targets, fates = _plan(set_path, keys, databases, target_db, force)
     return {
         "set": set_path,
         "name": record["name"],
@@ -240,7 +300,7 @@ def plan_restore(
 
 def restore_set(
     set_path: str,
-    key: Key,
+    keys: KeyRing,
     databases: list[str] | None = None,
     target_db: str | None = None,
     jobs: int = 1,
@@ -252,7 +312,7 @@ def restore_set(
     if jobs < 1:
         raise PgBackupError("--jobs must be at least 1")
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
-        record, selected, targets, fates = _plan(set_path, key, databases, target_db, force)
+        record, selected, targets, fates = _plan(set_path, keys, databases, target_db, force)
         staging_parent = staging_dir or os.path.dirname(set_path)
         needed = sum(entry["plaintext_size"] for database in selected for entry in database["files"])
         if include_globals:
@@ -271,7 +331,7 @@ def restore_set(
             # Held for the whole restore: prune and later restores leave it alone, and
             # remove it once nothing holds it (a restore killed with SIGKILL).
             with hold(staging, exclusive=True, wait=False, what=f"restore staging {staging}"):
-                staged = _stage(set_path, record, key, staging, selected, include_globals)
+                staged = _stage(set_path, record, keys, staging, selected, include_globals)
                 log.info("restore of %s: %d file set(s) verified and staged", set_path, len(staged))
                 if include_globals:
                     _restore_globals(staged[None])

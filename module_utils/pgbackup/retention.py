@@ -71,7 +71,8 @@ def scan(dest: str) -> list[dict]:
                 "finished_at": record.get("finished_at"),
                 "databases": [database["name"] for database in record.get("databases", [])],
                 "total_size": record.get("total_size"),
-                "key_id": record.get("key_id"),
+                "format_version": record.get("format_version"),
+                "key_ids": manifest.key_ids(record),
             }
         )
     complete.sort(key=newest_first_key, reverse=True)
@@ -191,3 +192,27 @@ def remove_leftovers(
         ):
             removed.append(name)
     return removed
+
+
+def key_usage(dest: str) -> list[dict]:
+    """Which complete sets in dest each key id reads, newest set first: what key
+    rotation must keep until the last set that needs a key has aged out."""
+    usage: dict[str, dict] = {}
+    for entry in scan(dest):
+        if entry["status"] != "complete":
+            continue
+        for key_id in entry["key_ids"]:
+            item = usage.setdefault(key_id, {"key_id": key_id, "sets": 0, "newest": entry, "oldest": entry})
+            item["sets"] += 1
+            item["oldest"] = entry  # scan lists newest first
+    return [
+        {
+            "key_id": item["key_id"],
+            "sets": item["sets"],
+            "newest_set": item["newest"]["name"],
+            "newest_started_at": item["newest"]["started_at"],
+            "oldest_set": item["oldest"]["name"],
+            "oldest_started_at": item["oldest"]["started_at"],
+        }
+        for item in sorted(usage.values(), key=lambda item: newest_first_key(item["newest"]), reverse=True)
+    ]

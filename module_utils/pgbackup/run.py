@@ -4,7 +4,9 @@ One run: take the run lock, decide whether this node's turn it is, make a set, v
 it, prune, copy it off-site (rclone) and to an external drive, and write metrics for
 Prometheus's textfile collector. Every event is one line in the log file and in
 syslog/journald (tag pgbackup-run). The settings come from one JSON file written by the
-backup role; it holds no secret (the password is in the passfile, the key in its file).
+backup role; it holds no secret (the password is in the passfile). The host holds only
+the recipients' public keys: it writes sets it cannot read, and checks each new set as
+far as that allows (structure, sizes and hashes of every file against the manifest).
 
 Exit codes: 0 done (or not this node's turn), 1 a step failed, 75 another run holds
 the lock. A run that fails, or finds the lock taken, says so in the metrics too, so a
@@ -46,7 +48,7 @@ DEFAULTS = {
     "connection": {},
     "run_on": "primary",
     "backup_dir": None,
-    "key_file": None,
+    "recipients": None,  # a public key file, or a folder of *.pub files
     "lock_file": None,  # default: <backup_dir>/.run.lock
     "compression_level": 3,
     "logical": {"format": "custom", "jobs": 1, "databases": [], "keep_days": 30, "min_keep": 7},
@@ -73,7 +75,7 @@ def load_settings(path: str) -> dict:
     if not isinstance(given, dict):
         raise PgBackupError(f"settings file {path} must hold a JSON object")
     settings = _merge(DEFAULTS, given, path, "")
-    for required in ("backup_dir", "key_file"):
+    for required in ("backup_dir", "recipients"):
         if not settings[required]:
             raise PgBackupError(f"settings file {path} does not set {required}")
     # An empty value means "libpq's default", as if the setting were absent.
@@ -345,16 +347,16 @@ def _turn(run_on: str) -> str | None:
     return None
 
 
-def _make_set(settings: dict, kind: str, key) -> dict:
+def _make_set(settings: dict, kind: str, recipients: crypto.Recipients) -> dict:
     level = settings["compression_level"]
     if kind == "physical":
         return physical.create_base_backup(
-            settings["backup_dir"], key, compression_level=level, parts=settings["physical"]["parts"]
+            settings["backup_dir"], recipients, compression_level=level, parts=settings["physical"]["parts"]
         )
     logical = settings["logical"]
     return backup.create_backup_set(
         settings["backup_dir"],
-        key,
+        recipients,
         databases=logical["databases"] or None,
         dump_format=logical["format"],
         jobs=logical["jobs"],
@@ -425,19 +427,22 @@ def _steps(settings: dict, kind: str, outcome: dict) -> tuple[int, str]:
     except PgBackupError as error:
         return STATUS_FAILED, str(error)
     try:
-        key = crypto.load_key(settings["key_file"], writing=True)
-        record = _make_set(settings, kind, key)
+        recipients = crypto.load_recipients([settings["recipients"]])
+        record = _make_set(settings, kind, recipients)
     except PgBackupError as error:
         return STATUS_FAILED, f"{kind} backup failed: {error}; earlier sets are untouched"
     set_path = outcome["set"] = record["path"]
     outcome["set_bytes"] = record["total_size"]
     log.info("backup written: %s (%d bytes encrypted)", set_path, record["total_size"])
     try:
-        report = restore.verify_set(set_path, key)
+        report = restore.verify_set(set_path)
     except PgBackupError as error:
         return STATUS_FAILED, f"verify FAILED for {set_path}: {error}"
     log.info(
-        "verify passed: %s: OK (%d files, %d bytes)", set_path, report["files"], report["plaintext_bytes"]
+        "verify passed: %s: OK (%d files, %d bytes; structure, sizes and hashes: no private key here)",
+        set_path,
+        report["files"],
+        report["plaintext_bytes"],
     )
     failed = False
     for step in (_prune, _offsite, _drive):

@@ -14,7 +14,7 @@ import socket
 import subprocess
 
 from . import __version__, manifest, pg
-from .crypto import EncryptingWriter, Key, read_ahead
+from .crypto import EncryptingWriter, Recipients, SymmetricKey, read_ahead
 from .errors import PgBackupError
 from .fsutil import describe_os_error, fsync_dir, hold, remove_tree, require_owner, write_json_atomic
 
@@ -25,14 +25,15 @@ READ_BYTES = 1 << 20
 
 class EncryptedFile:
     """A private (0600) encrypted file, written under a temporary name: commit() fsyncs
-    it and renames it into place, discard() removes what was written."""
+    it and renames it into place, discard() removes what was written. `binding` is the
+    name it is written as (`<set name>/<path in the set>`), sealed into its header."""
 
-    def __init__(self, path: str, key: Key, level: int, threads: int):
+    def __init__(self, path: str, to: Recipients | SymmetricKey, binding: str, level: int, threads: int):
         self.path = path
         self._tmp = f"{path}.tmp"
         self._raw = open(os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")  # noqa: SIM115
         try:
-            self._writer = EncryptingWriter(self._raw, key, compression_level=level, threads=threads)
+            self._writer = EncryptingWriter(self._raw, to, binding, compression_level=level, threads=threads)
         except BaseException:
             self.discard()
             raise
@@ -59,46 +60,68 @@ class EncryptedFile:
             os.unlink(self._tmp)
 
 
-def encrypt_file(path: str, source, key: Key, level: int, threads: int) -> dict:
-    """Stream `source` into a private encrypted file at path; its manifest entry."""
-    target = EncryptedFile(path, key, level, threads)
-    try:
-        for block in read_ahead(lambda: source.read(READ_BYTES)):
-            target.write(block)
-        return target.commit()
-    except BaseException:
-        target.discard()
-        raise
+class SetWriter:
+    """Writes the files of one set: into its `.partial-` folder, each sealed for the
+    set's recipients and bound to its final name and its path in the set."""
 
+    def __init__(self, folder: str, name: str, to: Recipients | SymmetricKey, level: int, threads: int):
+        self.folder = folder
+        self.name = name
+        self._to = to
+        self._level = level
+        self._threads = threads
 
-def stream_program_to_files(
-    argv: list[str], paths: list[str], key: Key, level: int, threads: int, what: str, splitter=None
-) -> tuple[list[dict], str]:
-    """Run a program (pg_dump, pg_basebackup) and stream its stdout into encrypted files:
-    one file, or as many as `paths` with `splitter(files)` dealing the output out to
-    them. Returns the files' manifest entries and the program's stderr."""
-    run = pg.ToolRun(argv, stdout=subprocess.PIPE)
-    files: list[EncryptedFile] = []
-    try:
-        files.extend(EncryptedFile(path, key, level, threads) for path in paths)
-        sink = splitter(files) if splitter else files[0]
-        for block in read_ahead(lambda: run.process.stdout.read(READ_BYTES)):
-            sink.write(block)
-        if splitter:
-            sink.close()
-        run.process.stdout.close()
-        # The program's verdict first: a dump that failed is never committed.
-        stderr = run.finish(what)
-        return [target.commit() for target in files], stderr
-    except BaseException as error:
-        # Output that stops short is most often the program failing: say why it did.
-        failure = run.failure(what) if isinstance(error, PgBackupError) else None
-        run.kill()
-        for target in files:
+    def path(self, relative: str) -> str:
+        return os.path.join(self.folder, relative)
+
+    def file(self, relative: str) -> EncryptedFile:
+        return EncryptedFile(
+            self.path(relative), self._to, f"{self.name}/{relative}", self._level, self._threads
+        )
+
+    def encrypt(self, relative: str, source) -> dict:
+        """Stream `source` into the set's file `relative`; its manifest entry."""
+        target = self.file(relative)
+        try:
+            for block in read_ahead(lambda: source.read(READ_BYTES)):
+                target.write(block)
+            return {"path": relative, **target.commit()}
+        except BaseException:
             target.discard()
-        if failure:
-            raise failure from None
-        raise
+            raise
+
+    def stream_program(
+        self, argv: list[str], relatives: list[str], what: str, splitter=None
+    ) -> tuple[list[dict], str]:
+        """Run a program (pg_dump, pg_basebackup) and stream its stdout into the set's
+        files: one, or as many as `relatives` with `splitter(files)` dealing the output
+        out to them. Returns the files' manifest entries and the program's stderr."""
+        run = pg.ToolRun(argv, stdout=subprocess.PIPE)
+        files: list[EncryptedFile] = []
+        try:
+            files.extend(self.file(relative) for relative in relatives)
+            sink = splitter(files) if splitter else files[0]
+            for block in read_ahead(lambda: run.process.stdout.read(READ_BYTES)):
+                sink.write(block)
+            if splitter:
+                sink.close()
+            run.process.stdout.close()
+            # The program's verdict first: a dump that failed is never committed.
+            stderr = run.finish(what)
+            entries = [
+                {"path": relative, **target.commit()}
+                for relative, target in zip(relatives, files, strict=True)
+            ]
+            return entries, stderr
+        except BaseException as error:
+            # Output that stops short is most often the program failing: say why it did.
+            failure = run.failure(what) if isinstance(error, PgBackupError) else None
+            run.kill()
+            for target in files:
+                target.discard()
+            if failure:
+                raise failure from None
+            raise
 
 
 def _unique_name(dest: str, kind: str, started) -> str:
@@ -112,9 +135,12 @@ def _unique_name(dest: str, kind: str, started) -> str:
     return name
 
 
-def build_set(dest: str, kind: str, key: Key, server: dict, level: int, fill) -> dict:
-    """Make a new set of `kind` in dest. `fill(folder, record)` writes the files and
-    adds their entries to the record; this function makes the result durable."""
+def build_set(
+    dest: str, kind: str, to: Recipients | SymmetricKey, server: dict, level: int, threads: int, fill
+) -> dict:
+    """Make a new set of `kind` in dest, for `to` (the recipients' public keys; a
+    version 1 key for tests). `fill(writer, record)` writes the files with a SetWriter
+    and adds their entries to the record; this function makes the result durable."""
     require_owner(dest, "make backups")
     try:
         os.makedirs(dest, mode=0o700, exist_ok=True)
@@ -126,26 +152,29 @@ def build_set(dest: str, kind: str, key: Key, server: dict, level: int, fill) ->
     final = os.path.join(dest, name)
     record = {
         "format": manifest.FORMAT,
-        "format_version": manifest.FORMAT_VERSION,
+        **manifest.key_fields(to),
         "kind": kind,
         "name": name,
         "pgbackup_version": __version__,
         "host": socket.gethostname(),
         "started_at": manifest.iso(started),
-        "server": {field: value for field, value in server.items() if field != "superuser"},
-        "key_id": key.key_id,
+        "server": {
+            field: value
+            for field, value in server.items()
+            if field not in ("superuser", "reads_password_hashes")
+        },
         "compression": {"algorithm": "zstd" if level > 0 else "none", "level": level},
         "databases": [],
     }
     try:
         os.mkdir(partial, 0o700)
         with hold(partial, exclusive=True, wait=False, what=f"backup set {partial}"):
-            fill(partial, record)
+            fill(SetWriter(partial, name, to, level, threads), record)
             record["finished_at"] = manifest.iso(manifest.utc_now())
             record["total_size"] = sum(entry["size"] for entry, _ in manifest.files_of(record))
             record["complete"] = True
             fsync_dir(partial)
-            write_json_atomic(os.path.join(partial, manifest.MANIFEST_NAME), manifest.seal(record, key))
+            write_json_atomic(os.path.join(partial, manifest.MANIFEST_NAME), manifest.seal(record, to))
             os.rename(partial, final)
             fsync_dir(dest)
     except OSError as error:

@@ -1,7 +1,11 @@
 """The scheduled backup, run as cron runs it, checked the way an operator would."""
 
+import contextlib
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -10,7 +14,10 @@ testinfra_hosts = ["pg-backup-1"]
 BACKUP_DIR = "/var/backups/postgresql"
 LOG = "/var/log/pgbackup/pgbackup.log"
 METRICS = "/var/lib/pgbackup/metrics/pgbackup.prom"
-KEY = "/etc/pgbackup/backup.key"
+RECIPIENTS = "/etc/pgbackup/recipients"
+# Where format version 1 kept its symmetric key (prepare.yml plants one, as on an upgraded host).
+VERSION1_KEY = "/etc/pgbackup/backup.key"
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 SETTINGS = "/etc/pgbackup/run.json"
 RUN_LOCK = f"{BACKUP_DIR}/.run.lock"
 # cron's environment: a bare PATH, no terminal.
@@ -107,25 +114,119 @@ def test_a_complete_set_with_a_manifest_exists(host, first_run):
     assert host.file(f"{sets[0]['path']}/manifest.json").exists
 
 
-def test_the_set_verifies(host, first_run):
-    path = complete_sets(host)[0]["path"]
-    result = host.run("runuser -u postgres -- pgbackup verify %s --key-file %s", path, KEY)
-    assert result.rc == 0, result.stderr
-    assert ": OK" in result.stdout
+@pytest.fixture(scope="module")
+def private_keys(host):
+    """The lab's private keys, as the vault holds them: the operations key, and the escrow
+    key kept apart. Neither is ever installed by site.yml."""
+    variables = host.ansible.get_variables()
+    return {"ops": variables["backup_private_keys"][0], "escrow": variables["lab_escrow_private_key"]}
 
 
-def test_the_set_restores_with_its_data(host, first_run):
-    path = complete_sets(host)[0]["path"]
-    result = host.run(
-        "runuser -u postgres -- pgbackup restore %s --key-file %s --database streaming --target-db streaming_check",
-        path,
-        KEY,
+def unlogged(host, user="root"):
+    """The host through `docker exec`: the commands that carry a lab private key go this
+    way, because Ansible (testinfra's usual way in) logs every command it runs to the
+    journal, as PAM does the command line of runuser, and the test that searches the
+    host for keys would find the tests' own."""
+    return host.get_host(f"docker://{user}@pg-backup-1")
+
+
+@contextlib.contextmanager
+def key_on_tmpfs(host, key_text):
+    """A private key on the host for one check, as the restore playbook installs it."""
+    direct = unlogged(host)
+    direct.run("install -d -m 0700 -o postgres /run/pgbackup-test-key")
+    direct.run(
+        "printf '%%s\\n' %s | install -m 0400 -o postgres /dev/stdin /run/pgbackup-test-key/one.key", key_text
     )
-    assert result.rc == 0, result.stderr
     try:
+        yield "/run/pgbackup-test-key/one.key"
+    finally:
+        direct.run("rm -rf /run/pgbackup-test-key")
+
+
+def test_the_host_checks_each_set_without_a_key_and_either_private_key_decrypts_it(
+    host, first_run, private_keys
+):
+    path = complete_sets(host)[0]["path"]
+    checked = host.run("runuser -u postgres -- pgbackup verify %s", path)
+    assert checked.rc == 0, checked.stderr
+    assert "structure, sizes and hashes; decrypting needs the private key of" in checked.stdout
+    for name, key_text in private_keys.items():
+        with key_on_tmpfs(host, key_text) as key_file:
+            result = host.run("runuser -u postgres -- pgbackup verify %s --key-file %s", path, key_file)
+        assert result.rc == 0, (name, result.stderr)
+        assert "decrypted and authenticated" in result.stdout
+
+
+def playbook(name, *extra):
+    """A playbook of playbooks/ as an operator runs it, from the controller."""
+    return subprocess.run(  # noqa: PLW1510 - callers check the exit code
+        [
+            os.path.join(os.path.dirname(sys.executable), "ansible-playbook"),
+            "-i",
+            os.environ["MOLECULE_INVENTORY_FILE"],
+            os.path.join(REPOSITORY, "playbooks", name),
+            "--limit",
+            "pg-backup-1",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPOSITORY,
+    )
+
+
+def no_key_left(host):
+    return host.run("ls -d /run/pgbackup-restore-keys /run/pgbackup-restore-keys-ansible").rc != 0
+
+
+def test_the_restore_playbook_restores_a_set_and_takes_its_key_away(host, first_run, private_keys):
+    request = json.dumps({"restore_databases": ["streaming"], "restore_target_db": "streaming_check"})
+    done = playbook("restore.yml", "-e", request)
+    try:
+        assert done.returncode == 0, done.stdout + done.stderr
         assert psql(host, "SELECT count(*) FROM watch_history", db="streaming_check") == "1500000"
+        assert no_key_left(host)
+        for key_text in private_keys.values():
+            assert key_text.split()[-1] not in done.stdout + done.stderr
+        # Again onto the database that now exists, without restore_force: refused, and the key still goes.
+        refused = playbook("restore.yml", "-e", request)
+        assert refused.returncode != 0
+        assert "exists and is not empty" in refused.stdout + refused.stderr
+        assert no_key_left(host)
     finally:
         psql(host, "DROP DATABASE IF EXISTS streaming_check")
+
+
+def test_no_file_on_the_host_decrypts_a_set(host, first_run, private_keys):
+    """What a SQL superuser (pg_read_file, COPY TO PROGRAM: the postgres OS user) or a
+    shell as postgres can read holds no private key, and no version 1 key is left."""
+    assert not host.file(VERSION1_KEY).exists, "the version 1 key of an upgraded host must be removed"
+    for key_text in private_keys.values():
+        material = key_text.split()[-1]
+        found = unlogged(host, "postgres").run(
+            "grep -rlsF %s /etc /var /srv /opt /home /root /tmp /run /usr/local /mnt",
+            material,
+        )
+        assert found.stdout == "", found.stdout
+        # Nor anywhere at all, whoever may read it (the restore playbook removed its copy).
+        everywhere = unlogged(host).run(
+            "grep -rlsF %s / --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev", material
+        )
+        assert everywhere.stdout == "", everywhere.stdout
+    readable = psql(
+        host,
+        "SELECT coalesce(string_agg(name, ' '), '') FROM pg_ls_dir('/etc/pgbackup') AS name"
+        " WHERE name <> 'recipients' AND pg_read_file('/etc/pgbackup/' || name) LIKE '%PGBACKUP-PRIVATE-KEY%'",
+    )
+    assert readable == ""
+    decrypting = host.run(
+        "for f in $(find /etc/pgbackup /var/lib/postgresql -type f -readable); do"
+        " runuser -u postgres -- pgbackup verify %s --key-file $f >/dev/null 2>&1 && echo $f; done; true",
+        complete_sets(host)[0]["path"],
+    )
+    assert decrypting.stdout.strip() == ""
 
 
 def checksums(target, folder):
@@ -171,7 +272,7 @@ def test_no_password_in_the_log_or_in_ps(host, first_run, password):
     ("path", "mode", "owner"),
     [
         (BACKUP_DIR, 0o700, "postgres"),
-        (KEY, 0o600, "postgres"),
+        (RECIPIENTS, 0o750, "root"),
         ("/etc/pgbackup/pgpass", 0o600, "postgres"),
         ("/var/lib/pgbackup/rclone/rclone.conf", 0o600, "postgres"),
         ("/etc/pgbackup/offsite_ed25519", 0o600, "postgres"),
@@ -288,7 +389,7 @@ def test_dead_remote_fails_the_sync_but_keeps_the_local_set(host, offsite, first
     new = [entry for entry in after if entry["name"] not in before]
     assert len(new) == 1, "the run's own set must be kept"
     assert before <= {entry["name"] for entry in after}, "no earlier set may be lost"
-    verify = host.run("runuser -u postgres -- pgbackup verify %s --key-file %s", new[0]["path"], KEY)
+    verify = host.run("runuser -u postgres -- pgbackup verify %s", new[0]["path"])
     assert verify.rc == 0
     log = host.file(LOG).content_string
     assert re.search(
@@ -316,7 +417,7 @@ def test_weekly_physical_backup_runs_verifies_and_goes_offsite(host, offsite, fi
     listed = json.loads(host.run("runuser -u postgres -- pgbackup list --dest %s --json", BACKUP_DIR).stdout)
     physical = [entry for entry in listed if entry.get("kind") == "physical"]
     assert len(physical) == 1
-    verify = host.run("runuser -u postgres -- pgbackup verify %s --key-file %s", physical[0]["path"], KEY)
+    verify = host.run("runuser -u postgres -- pgbackup verify %s", physical[0]["path"])
     assert verify.rc == 0, verify.stderr
     name = physical[0]["name"]
     for part in ("base.1.tar.enc", "base.2.tar.enc"):
@@ -423,7 +524,7 @@ def test_a_chosen_replica_runs_the_backup_and_the_primary_does_not(host, standby
         host.run("runuser -u postgres -- pgbackup list --dest /tmp/standby-sets --json").stdout
     )
     assert [entry["status"] for entry in listed] == ["complete"]
-    verify = host.run("runuser -u postgres -- pgbackup verify %s --key-file %s", listed[0]["path"], KEY)
+    verify = host.run("runuser -u postgres -- pgbackup verify %s", listed[0]["path"])
     assert verify.rc == 0, verify.stderr
     manifest = json.loads(host.file(f"{listed[0]['path']}/manifest.json").content_string)
     assert manifest["server"]["in_recovery"] is True
@@ -439,3 +540,57 @@ def test_a_chosen_replica_runs_the_backup_and_the_primary_does_not(host, standby
     assert "this node is the primary; a replica runs the backup" in host.file(LOG).content_string
     assert metric(host, "pgbackup_last_run_status") == 2
     assert len(complete_sets(host)) == sets_before
+
+
+def test_key_rotation_adds_a_recipient_and_says_which_sets_need_which_key(
+    host, first_run, private_keys, tmp_path
+):
+    """A new operations key replaces the old one on the hosts; the report shows the old
+    key still needed by the older sets, and the new set readable with the new key."""
+    made = subprocess.run(
+        [sys.executable, "-m", "pgbackup", "keygen", "--key-file", str(tmp_path / "ops-2027.key")],
+        env={**os.environ, "PYTHONPATH": os.path.join(REPOSITORY, "module_utils")},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    new_public = made.stdout.strip().splitlines()[-1]
+    new_private = (tmp_path / "ops-2027.key").read_text().strip().splitlines()[-1]
+    variables = host.ansible.get_variables()
+    escrow_public = variables["backup_recipients"][1]
+    overrides = tmp_path / "rotation.json"
+    overrides.write_text(
+        json.dumps(
+            {
+                "backup_recipients": [new_public, escrow_public],
+                "backup_private_keys": [private_keys["ops"], new_private],
+            }
+        )
+    )
+    overrides.chmod(0o600)
+    older = {entry["name"] for entry in complete_sets(host)}
+    rotated = playbook("rotate_keys.yml", "-e", f"@{overrides}")
+    try:
+        assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+        newest = complete_sets(host)[0]
+        assert newest["name"] not in older
+        new_id = newest["key_ids"][0]
+        installed = host.run("ls %s", RECIPIENTS).stdout.split()
+        assert sorted(installed) == sorted(f"{key_id}.pub" for key_id in newest["key_ids"])
+        old_id = next(entry["key_ids"][0] for entry in complete_sets(host) if entry["name"] in older)
+        assert old_id != new_id
+        report = " ".join(rotated.stdout.split())
+        assert f"key {old_id} (in the vault) reads" in report
+        assert (
+            f"key {new_id} (in the vault) reads 1 set(s), the newest pg-backup-1:{newest['name']}" in report
+        )
+        assert new_private.split()[-1] not in rotated.stdout + rotated.stderr
+        with key_on_tmpfs(host, new_private) as key_file:
+            result = host.run(
+                "runuser -u postgres -- pgbackup verify %s --key-file %s", newest["path"], key_file
+            )
+        assert result.rc == 0, result.stderr
+    finally:
+        # Back to the inventory's own recipients for whatever runs next.
+        back = playbook("rotate_keys.yml", "-e", '{"rotate_keys_backup_now": false}')
+        assert back.returncode == 0, back.stdout
