@@ -52,6 +52,13 @@ def pgbackup_key_problem(text, kind: str = "public", name: str = "backup_recipie
     return f"{name} holds a public key (id {key.key_id}); a private key is needed here"
 
 
+def pgbackup_keys_problem(texts, kind: str = "public", name: str = "backup_recipients") -> str:
+    """The first problem pgbackup_key_problem finds in a list of keys ("" when none)."""
+    return next(
+        (problem for problem in (pgbackup_key_problem(text, kind, name) for text in texts) if problem), ""
+    )
+
+
 def pgbackup_key_id(text) -> str:
     """The key id of a key given as text (public, private or version 1)."""
     try:
@@ -162,6 +169,7 @@ class FilterModule:
         return {
             "pgbackup_latest_set": pgbackup_latest_set,
             "pgbackup_key_problem": pgbackup_key_problem,
+            "pgbackup_keys_problem": pgbackup_keys_problem,
             "pgbackup_key_id": pgbackup_key_id,
             "pgbackup_key_report": pgbackup_key_report,
             "pgbackup_cron_problem": pgbackup_cron_problem,

@@ -16,7 +16,7 @@ import re
 import tempfile
 
 from . import manifest, pg
-from .crypto import VERSION_PUBLIC_KEY, KeyRing, as_key_ring, check_structure, decrypt_stream
+from .crypto import VERSION_PUBLIC_KEY, KeyRing, check_structure, decrypt_stream
 from .errors import CorruptError, PgBackupError, RefusedError
 from .fsutil import (
     check_set_folder,
@@ -145,7 +145,7 @@ def open_set(set_path: str, keys: KeyRing | None, check_mac: bool = True) -> dic
     if check_mac:
         if keys is None:
             raise PgBackupError(f"reading {set_path} needs its private key (--key-file)")
-        manifest.check(record, as_key_ring(keys), set_path)
+        manifest.check(record, keys, set_path)
     return record
 
 
@@ -163,7 +163,7 @@ def verify_set(set_path: str, keys: KeyRing | None = None) -> dict:
                 check_file_structure(set_path, entry, record)
                 plaintext += entry["plaintext_size"]
             else:
-                plaintext += decrypt_checked(set_path, entry, as_key_ring(keys), _Discard(), record)
+                plaintext += decrypt_checked(set_path, entry, keys, _Discard(), record)
             count += 1
     log.info(
         "verified %s (%s): %d file(s), %d bytes of dump data",
