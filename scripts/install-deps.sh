@@ -8,6 +8,7 @@ packages=(
     postgresql-15 postgresql-client-15       # the real PostgreSQL the unit tests start
     python3-venv rsync zstd                  # venv; Molecule's file copies; bench peer
     gnupg openssl rclone pgbackrest          # bench peers and the off-site remote
+    python3-cryptography python3-zstandard python3-psycopg   # pgbackup as hosts run it, with Debian's libraries
 )
 
 missing=()

@@ -20,11 +20,11 @@ PG_VERSION = os.environ.get("PGBACKUP_TEST_PG_VERSION", "15")
 PG_BIN = f"/usr/lib/postgresql/{PG_VERSION}/bin"
 
 
-def as_cluster_owner(argv, **kwargs):
+def as_cluster_owner(argv, check=True, **kwargs):
     """initdb and postgres refuse to run as root: run them as the postgres user then."""
     if os.geteuid() == 0:
         argv = ["runuser", "-u", "postgres", "--", *argv]
-    return subprocess.run(argv, check=True, capture_output=True, text=True, **kwargs)
+    return subprocess.run(argv, check=check, capture_output=True, text=True, **kwargs)
 
 
 def write_ca_and_server_certificate(folder: str, ca_name: str = "pgbackup test CA") -> dict:

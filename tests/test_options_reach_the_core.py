@@ -22,7 +22,7 @@ import pytest
 import yaml
 from ansible.module_utils.testing import patch_module_args
 from conftest import ROOT
-from pgbackup import backup, cli, connection, crypto, physical, restore, retention, run
+from pgbackup import backup, cli, connection, crypto, physical, pitr, restore, retention, run, wal
 
 # Options that only shape what is printed, after the core has answered.
 PRESENTATION = {"json", "verbose", "help", "version"}
@@ -43,6 +43,13 @@ CORE_CALLS = [
     (crypto, "generate_key_pair"),
     (crypto, "encrypt_stream"),
     (crypto, "decrypt_stream"),
+    (wal, "push_command"),
+    (wal, "fetch_command"),
+    (wal, "describe"),
+    (wal, "prune"),
+    (pitr, "plan"),
+    (pitr, "wait_for_recovery"),
+    (run, "fetch_offsite"),
 ]
 
 
@@ -107,34 +114,53 @@ def subcommands():
     return commands.choices
 
 
+def _exclusive_alternatives(sub) -> dict:
+    """Options of a mutually exclusive group but its first: each is tried on its own."""
+    return {
+        action.dest: group._group_actions[0].dest
+        for group in sub._mutually_exclusive_groups
+        for action in group._group_actions[1:]
+    }
+
+
+def _command_line(name, sub, left_out) -> tuple[list[str], dict]:
+    """argv giving every option of the subcommand but those left out a sentinel value,
+    and per option the text its value must show in the core call (None for a flag)."""
+    argv, expected = [name], {}
+    for action in sub._actions:
+        if action.dest in PRESENTATION or isinstance(action, argparse._HelpAction) or action.dest in left_out:
+            continue
+        words, _value, shown = sentinel_for_action(action)
+        argv += [action.option_strings[-1], *words] if action.option_strings else words
+        expected[action.dest] = None if isinstance(action, argparse._StoreTrueAction) else shown
+    return argv, expected
+
+
 @pytest.mark.parametrize("name", sorted(subcommands()))
 def test_every_cli_option_reaches_the_core(name, recorders):
     sub = subcommands()[name]
-    argv, expected = [name], {}
-    for action in sub._actions:
-        if action.dest in PRESENTATION or isinstance(action, argparse._HelpAction):
-            continue
-        words, _value, shown = sentinel_for_action(action)
-        if action.option_strings:
-            argv += [action.option_strings[-1], *words] if words else [action.option_strings[-1]]
-        else:
-            argv += words
-        if not isinstance(action, argparse._StoreTrueAction):
-            expected[action.dest] = shown
-        else:
-            expected[action.dest] = None  # checked below by turning it off again
-    args = cli.build_parser().parse_args(argv)
-    with pytest.raises(Reached) as reached:
-        args.handler(args)
-    for dest, shown in expected.items():
-        if shown is not None:
-            assert shown in reached.value.seen, f"pgbackup {name}: --{dest} was parsed but not passed on"
-    for dest in (dest for dest, shown in expected.items() if shown is None):
-        # A flag reaches the core if turning it off changes the call.
-        flipped = argparse.Namespace(**{**vars(args), dest: False})
-        with pytest.raises(Reached) as without:
-            args.handler(flipped)
-        assert without.value.seen != reached.value.seen, f"pgbackup {name}: --{dest} changes nothing"
+    alternatives = _exclusive_alternatives(sub)
+    runs = [set(alternatives)] + [
+        {first, *(other for other in alternatives if other != dest)} for dest, first in alternatives.items()
+    ]
+    for left_out in runs:
+        argv, expected = _command_line(name, sub, left_out)
+        args = cli.build_parser().parse_args(argv)
+        with pytest.raises(Reached) as reached:
+            args.handler(args)
+        for dest, shown in expected.items():
+            if shown is not None:
+                assert shown in reached.value.seen, f"pgbackup {name}: --{dest} was parsed but not passed on"
+            elif dest in alternatives or dest in alternatives.values():
+                assert dest.removeprefix("target_") in reached.value.seen, f"pgbackup {name}: --{dest} lost"
+        exclusive = set(alternatives) | set(alternatives.values())
+        for dest in (dest for dest, shown in expected.items() if shown is None and dest not in exclusive):
+            # A flag reaches the core if turning it off changes the call (a flag that is
+            # one of a required choice was shown reaching it by the run that chose it).
+            flipped = argparse.Namespace(**{**vars(args), dest: False})
+            with pytest.raises(Reached) as without:
+                args.handler(flipped)
+            assert without.value.seen != reached.value.seen, f"pgbackup {name}: --{dest} changes nothing"
 
 
 def load_module(name):

@@ -13,13 +13,16 @@ import logging
 import os
 import sys
 
-from . import __version__, backup, crypto, physical, restore, retention, run
+from . import __version__, archive, backup, crypto, physical, pitr, restore, retention, run, wal
 from .connection import DEFAULT_SSLMODE
 from .errors import BusyError, PgBackupError, RefusedError
 
 EXIT_FAILURE = 1
 EXIT_REFUSED = 3
 EXIT_BUSY = 4
+# What restore_command answers for anything but a missing file: above 125, so that
+# PostgreSQL aborts recovery instead of taking the failure for the end of the archive.
+EXIT_STOP_RECOVERY = 126
 
 
 def _positive(text: str) -> int:
@@ -153,6 +156,8 @@ def cmd_list(args):
     )
     _print(sets, args.json, human or f"no backup sets in {args.dest}")
     if not args.json:
+        for line in _window_lines(wal.describe(args.dest, sets)):
+            print(line)
         # The databases restore --force kept aside, if the server can be asked.
         try:
             print(_kept_summary(restore.kept_databases()))
@@ -222,6 +227,130 @@ def cmd_check(args):
     )
 
 
+def cmd_wal_push(args):
+    result = wal.push_command(
+        args.path,
+        args.settings,
+        dest=args.dest,
+        recipient_paths=args.recipient,
+        pgdata=args.pgdata,
+        compression_level=args.compression_level,
+        ahead=args.push_ahead,
+    )
+    if args.json:  # quiet otherwise: PostgreSQL logs what archive_command prints
+        _print(result, True, "")
+
+
+def cmd_wal_fetch(args):
+    try:
+        wal.fetch_command(
+            args.name,
+            args.target,
+            args.settings,
+            _keys(args),
+            dest=args.dest,
+            pgdata=args.pgdata,
+            ahead=args.fetch_ahead,
+        )
+    except wal.NotArchivedError as error:
+        # PostgreSQL asks for files that may not exist (the next timeline's history):
+        # a quiet failure is the answer it expects.
+        logging.getLogger("pgbackup").info("%s", error)
+        return EXIT_FAILURE
+    except PgBackupError as error:
+        # Any other failure must stop recovery: PostgreSQL takes exit codes up to 125 as
+        # "no such file" and would end recovery there, short of its target, silently.
+        print(f"pgbackup: error: {error}; recovery must stop here", file=sys.stderr)
+        return EXIT_STOP_RECOVERY
+    return 0
+
+
+def cmd_pitr_wait(args):
+    report = pitr.wait_for_recovery(args.data_dir, args.action, args.timeout, log_file=args.log_file)
+    _print(
+        report,
+        args.json,
+        f"recovery reached {report['reached_lsn']} (last commit replayed {report['last_replayed_commit']}) "
+        f"on timeline {report['timeline']} after {report['waited_seconds']} s",
+    )
+
+
+def _window_lines(systems: list[dict]) -> list[str]:
+    lines = []
+    for system in systems:
+        lines.append(
+            f"WAL archive of system {system['system_identifier']}: {system['files']} files, "
+            f"{system['bytes']} bytes encrypted"
+        )
+        for timeline in system["timelines"]:
+            gaps = "".join(f"; MISSING {first}..{last}" for first, last in timeline["missing"])
+            lines.append(
+                f"  timeline {timeline['timeline']}: {timeline['first']} .. {timeline['last']} "
+                f"({timeline['segments']} segments, newest archived {timeline['newest_archived_at']}){gaps}"
+            )
+        for window in system["windows"]:
+            lines.append(
+                f"  recovery window on timeline {window['timeline']}: from {window['earliest_lsn']} "
+                f"({window['earliest_time']}, end of {window['base_backup']}) to {window['latest_lsn']} "
+                f"(segment {window['latest_segment']}, archived {window['latest_archived_at']})"
+            )
+        if not system["windows"]:
+            lines.append("  no recovery window: no base backup that the archived WAL continues from")
+    return lines
+
+
+def cmd_wal_list(args):
+    systems = wal.describe(args.dest)
+    _print(systems, args.json, "\n".join(_window_lines(systems)) or f"no WAL archive in {args.dest}")
+
+
+def cmd_wal_prune(args):
+    report = wal.prune(args.dest, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    kept = ", ".join(f"{system} from {name}" for system, name in report["kept_from"].items())
+    _print(report, args.json, f"{verb} {len(report['removed'])} WAL files; kept {kept or 'everything'}")
+
+
+def cmd_pitr_plan(args):
+    kind, value = next(
+        (kind, getattr(args, f"target_{kind}"))
+        for kind in pitr.TARGET_KINDS
+        if getattr(args, f"target_{kind}") not in (None, False)
+    )
+    found = pitr.plan(
+        args.dest,
+        _keys(args),
+        kind,
+        "" if value is True else value,
+        base_name=args.base,
+        action=args.action,
+        timeline=args.timeline,
+        offsite_settings=args.settings if args.offsite else None,
+        data_dir=args.data_dir,
+    )
+    window = found["window"]
+    settings_text = ", ".join(f"{name}={setting}" for name, setting in sorted(found["settings"].items()))
+    _print(
+        found,
+        args.json,
+        f"target: {kind} {'' if value is True else value}\n"
+        f"base backup: {found['base_backup']} (ends at {found['base_end_lsn']}, "
+        f"finished {found['base_finished_at']})\n"
+        f"recovery settings: {settings_text}\n"
+        f"reachable: {window['earliest_time']} .. {window['latest_commit_time']} "
+        f"(WAL to {window['latest_lsn']}, timeline {window['timeline']})",
+    )
+
+
+def cmd_fetch_set(args):
+    if not args.name and not args.latest:
+        raise PgBackupError("name the sets to copy back, or give --latest logical|physical")
+    report = run.fetch_offsite(
+        args.settings, args.name, archive=False, catalog=False, latest_kind=args.latest
+    )
+    _print(report, args.json, "\n".join(report["sets"]))
+
+
 def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement per option
     parser = argparse.ArgumentParser(prog="pgbackup", description="Encrypted, verified PostgreSQL backups.")
     parser.add_argument("--version", action="version", version=f"pgbackup {__version__}")
@@ -253,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     def settings_option(sub):
         sub.add_argument(
             "--settings",
-            default=os.environ.get("PGBACKUP_SETTINGS", run.DEFAULT_SETTINGS_FILE),
-            help=f"the run's settings (JSON; default $PGBACKUP_SETTINGS or {run.DEFAULT_SETTINGS_FILE})",
+            default=os.environ.get("PGBACKUP_SETTINGS", archive.DEFAULT_SETTINGS_FILE),
+            help=f"the run's settings (JSON; default $PGBACKUP_SETTINGS or {archive.DEFAULT_SETTINGS_FILE})",
         )
 
     def compression_options(sub):
@@ -354,6 +483,95 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     sub.add_argument("--dry-run", action="store_true", help="report, delete nothing")
     sub.add_argument("--json", action="store_true")
 
+    def archive_options(sub):
+        sub.add_argument("--dest", help="backup directory holding wal/ (default: the run's settings)")
+        settings_option(sub)
+        sub.add_argument(
+            "--pgdata", default=".", help="data directory (default: the current one, as PostgreSQL runs it)"
+        )
+
+    sub = command("wal-push", cmd_wal_push, "archive_command: archive one WAL file, encrypted (%%p)")
+    sub.add_argument("path", help="the file PostgreSQL gives (%%p)")
+    archive_options(sub)
+    sub.add_argument(
+        "--recipient", action="append", help="public key file or folder (default: the run's settings)"
+    )
+    sub.add_argument("--compression-level", type=int, help="zstd level (default: the run's settings)")
+    sub.add_argument(
+        "--push-ahead",
+        type=int,
+        help="archive up to this many ready files per call, side by side (default: the run's settings)",
+    )
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("wal-fetch", cmd_wal_fetch, "restore_command: restore one archived WAL file (%%f %%p)")
+    sub.add_argument("name", help="the file PostgreSQL asks for (%%f)")
+    sub.add_argument("target", help="where PostgreSQL wants it (%%p)")
+    archive_options(sub)
+    sub.set_defaults(compression_level=None)
+    key_option(sub)
+    sub.add_argument(
+        "--fetch-ahead",
+        type=int,
+        default=8,
+        help="decrypt up to this many following segments in the background (default 8; 1: none)",
+    )
+
+    sub = command("wal-list", cmd_wal_list, "the WAL archive: timelines, gaps and the recovery window")
+    sub.add_argument("--dest", required=True)
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("wal-prune", cmd_wal_prune, "delete WAL older than the oldest kept base backup needs")
+    sub.add_argument("--dest", required=True)
+    sub.add_argument("--dry-run", action="store_true", help="report, delete nothing")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command(
+        "pitr-plan",
+        cmd_pitr_plan,
+        "point-in-time recovery: the base backup for a target, checked against the archive",
+    )
+    sub.add_argument("--dest", required=True, help="backup directory with the base backups and wal/")
+    key_option(sub)
+    targets = sub.add_mutually_exclusive_group(required=True)
+    targets.add_argument("--target-time", help="a time (2026-11-28 14:05:00+00; no zone: UTC)")
+    targets.add_argument("--target-name", help="a restore point (pg_create_restore_point)")
+    targets.add_argument("--target-lsn", help="a WAL position (0/3000148)")
+    targets.add_argument("--target-xid", help="a transaction id: recovery stops after its commit")
+    targets.add_argument("--target-immediate", action="store_true", help="the end of the base backup")
+    targets.add_argument("--target-latest", action="store_true", help="the end of the archive")
+    sub.add_argument("--base", help="this base backup, not the one the target chooses")
+    sub.add_argument(
+        "--timeline", type=_positive, help="follow this timeline (default: the newest, as recovery does)"
+    )
+    sub.add_argument(
+        "--offsite",
+        action="store_true",
+        help="copy the WAL archive back from the off-site copy and choose among the base backups there",
+    )
+    settings_option(sub)
+    sub.add_argument("--data-dir", help="the data directory to be replaced: its free space is checked")
+    sub.add_argument(
+        "--action",
+        choices=["promote", "pause", "shutdown"],
+        default="promote",
+        help="at the target (default promote)",
+    )
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("fetch-set", cmd_fetch_set, "copy sets back from the off-site copy, and check them")
+    sub.add_argument("name", nargs="*", help="set names")
+    sub.add_argument("--latest", choices=run.KINDS, help="also the newest set of this kind there")
+    settings_option(sub)
+    sub.add_argument("--json", action="store_true")
+
+    sub = command("pitr-wait", cmd_pitr_wait, "wait until a point-in-time recovery has reached its target")
+    sub.add_argument("--data-dir", required=True, help="the recovering server's data directory")
+    sub.add_argument("--action", choices=["promote", "pause"], default="promote")
+    sub.add_argument("--timeout", type=_positive, default=3600, help="seconds (default 3600)")
+    sub.add_argument("--log-file", help="the server's log, whose end a failure shows")
+    sub.add_argument("--json", action="store_true")
+
     sub = command("check", cmd_check, "connect as the scheduled run will, and say what is wrong")
     settings_option(sub)
     sub.add_argument("--replication", action="store_true", help="also open a replication connection")
@@ -372,7 +590,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
         cmd_run,
         "the scheduled run (cron): lock, node check, backup, verify, prune, copies, metrics",
     )
-    sub.add_argument("kind", nargs="?", choices=run.KINDS, default="logical", help="default logical")
+    sub.add_argument(
+        "kind",
+        nargs="?",
+        choices=run.RUN_KINDS,
+        default="logical",
+        help="a logical or physical set, or wal: the WAL archive's off-site copy (default logical)",
+    )
     settings_option(sub)
     sub.add_argument("--json", action="store_true", help="print what the run did (the log has every step)")
     return parser

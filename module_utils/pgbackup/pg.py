@@ -117,7 +117,8 @@ def server_info(conn) -> dict:
         "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
         " (SELECT system_identifier FROM pg_control_system()), pg_is_in_recovery(),"
         " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),"
-        " has_table_privilege('pg_catalog.pg_authid', 'SELECT')"
+        " has_table_privilege('pg_catalog.pg_authid', 'SELECT'),"
+        " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')"
     ).fetchone()
     return {
         "version": row[0],
@@ -128,6 +129,7 @@ def server_info(conn) -> dict:
         # Password hashes are in pg_authid: superusers read it, and so does a member
         # of pg_read_all_data, as the postgresql role makes the backup role.
         "reads_password_hashes": row[5],
+        "wal_segment_size": row[6],
     }
 
 

@@ -61,22 +61,31 @@ def scan(dest: str) -> list[dict]:
                 }
             )
             continue
-        complete.append(
-            {
-                "name": name,
-                "path": path,
-                "status": "complete",
-                "kind": record.get("kind"),
-                "started_at": record["started_at"],
-                "finished_at": record.get("finished_at"),
-                "databases": [database["name"] for database in record.get("databases", [])],
-                "total_size": record.get("total_size"),
-                "format_version": record.get("format_version"),
-                "key_ids": manifest.key_ids(record),
-            }
-        )
+        complete.append(describe_set(name, path, record))
     complete.sort(key=newest_first_key, reverse=True)
     return complete + other
+
+
+def describe_set(name: str, path: str, record: dict) -> dict:
+    """What a listing says of a complete set, from its manifest (here or off-site)."""
+    return {
+        "name": name,
+        "path": path,
+        "status": "complete",
+        "kind": record.get("kind"),
+        "started_at": record["started_at"],
+        "finished_at": record.get("finished_at"),
+        "databases": [database["name"] for database in record.get("databases", [])],
+        "total_size": record.get("total_size"),
+        "format_version": record.get("format_version"),
+        "key_ids": manifest.key_ids(record),
+        # What the WAL archive's window and retention need of a base backup.
+        "system_identifier": record.get("server", {}).get("system_identifier"),
+        "wal_segment_size": record.get("server", {}).get("wal_segment_size"),
+        "wal": record.get("wal"),
+        "server_version_num": record.get("server", {}).get("version_num"),
+        "plaintext_size": sum(part.get("plaintext_size", 0) for part in record.get("base", [])) or None,
+    }
 
 
 def newest_first_key(entry: dict):

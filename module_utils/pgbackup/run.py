@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -26,15 +27,18 @@ import subprocess
 import syslog
 import time
 
-from . import backup, crypto, manifest, pg, physical, restore, retention
+from . import archive as archive_layout
+from . import backup, crypto, manifest, pg, physical, restore, retention, wal
 from .connection import CONNECTION_ARGUMENT_SPEC, apply_connection_params
 from .errors import PgBackupError, RefusedError
 from .fsutil import open_no_follow, refuse_links, require_owner
 
 log = logging.getLogger("pgbackup.run")
 
-DEFAULT_SETTINGS_FILE = "/etc/pgbackup/run.json"
-KINDS = ("logical", "physical")
+KINDS = ("logical", "physical")  # the kinds of set
+# What `pgbackup run` does: a set of a kind, or the WAL archive's off-site copy.
+RUN_KINDS = (*KINDS, "wal")
+WAL_LOCK_NAME = ".wal-run.lock"
 EXIT_OK, EXIT_FAILED, EXIT_BUSY = 0, 1, 75
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = 0, 1, 2
 RUN_ON = ("primary", "replica", "any")
@@ -50,9 +54,11 @@ DEFAULTS = {
     "backup_dir": None,
     "recipients": None,  # a public key file, or a folder of *.pub files
     "lock_file": None,  # default: <backup_dir>/.run.lock
-    "compression_level": 3,
+    "compression_level": wal.DEFAULT_COMPRESSION_LEVEL,
     "logical": {"format": "custom", "jobs": 1, "databases": [], "keep_days": 30, "min_keep": 7},
     "physical": {"parts": 2, "keep_days": 28, "min_keep": 2},
+    # wal-push archives up to this many ready WAL files per call when PostgreSQL falls behind.
+    "wal": {"push_ahead": wal.DEFAULT_PUSH_AHEAD},
     "offsite": {"target": "", "keep_days": 90, "rclone_config": ""},
     "external_drive": "",
     "log_file": "/var/log/pgbackup/pgbackup.log",
@@ -185,7 +191,7 @@ class Metrics:
                         values[name] = float(value)
         return values
 
-    def write(self, status: int, duration: float, set_bytes: int, offsite_ok: bool):
+    def write(self, status: int, duration: float, set_bytes: int, offsite_ok: bool, extra=()):
         now = int(time.time())
         previous = self.previous()
         last_success = (
@@ -205,6 +211,7 @@ class Metrics:
             ("offsite_last_success_timestamp_seconds", "When the off-site copy last succeeded.", offsite),
             ("last_run_duration_seconds", "Length of the last run.", round(duration, 3)),
             ("last_backup_size_bytes", "Encrypted size of the set the last run made (0 if none).", set_bytes),
+            *extra,
         ]
         text = "".join(
             f"# HELP {self.prefix}_{name} {help_text}\n# TYPE {self.prefix}_{name} gauge\n"
@@ -305,6 +312,8 @@ def copy_offsite(settings: dict, set_path: str):
         for name in doomed:
             _rclone(config, "purge", remote_path(target, name), what=f"deleting {name} off-site")
         log.info("off-site retention: removed %s", ", ".join(doomed) or "nothing")
+        if os.path.basename(set_path).startswith("physical-"):
+            prune_wal_offsite(settings, sorted(keep & set(there)))
     except (PgBackupError, ValueError, KeyError) as error:
         log.warning("off-site retention failed: %s", error)
 
@@ -374,22 +383,25 @@ def scheduled_run(settings: dict, kind: str, summary: dict | None = None) -> int
     started = time.monotonic()
     metrics = Metrics(settings["metrics_dir"], kind)
     outcome = {"set_bytes": 0, "offsite_ok": False, "set": None}
+    # The WAL copy runs every few minutes: it must not wait behind a night's backup.
+    lock_file = (
+        os.path.join(settings["backup_dir"], WAL_LOCK_NAME) if kind == "wal" else settings["lock_file"]
+    )
     try:
-        with run_lock(settings["lock_file"]) as holder:
+        with run_lock(lock_file) as holder:
             if holder is not None:
-                summary.update(
-                    status="busy", message=f"another backup run holds {settings['lock_file']} ({holder})"
-                )
+                summary.update(status="busy", message=f"another backup run holds {lock_file} ({holder})")
                 _write_metrics(metrics, STATUS_FAILED, started, outcome)
                 log.error(
                     "another backup run holds %s (%s); this run did nothing. A lock held for longer "
                     "than a run takes is stuck: find that process",
-                    settings["lock_file"],
+                    lock_file,
                     holder,
                 )
                 return EXIT_BUSY
             log.info("%s run started on %s", kind, socket.gethostname())
-            status, message = _steps(settings, kind, outcome)
+            steps = _wal_steps if kind == "wal" else functools.partial(_steps, kind=kind)
+            status, message = steps(settings, outcome=outcome)
     except PgBackupError as error:
         status, message = STATUS_FAILED, str(error)
     except Exception as error:  # whatever it was, the run failed and must say so
@@ -412,9 +424,206 @@ def scheduled_run(settings: dict, kind: str, summary: dict | None = None) -> int
 def _write_metrics(metrics: Metrics, status: int, started: float, outcome: dict):
     """Metrics of every run, whatever happened; a failure to write them is logged."""
     try:
-        metrics.write(status, time.monotonic() - started, outcome["set_bytes"], outcome["offsite_ok"])
+        metrics.write(
+            status,
+            time.monotonic() - started,
+            outcome["set_bytes"],
+            outcome["offsite_ok"],
+            _wal_rows(metrics, outcome),
+        )
     except OSError as error:
         log.error("could not write the metrics %s: %s", metrics.path, error.strerror or error)
+
+
+def _wal_rows(metrics: Metrics, outcome: dict) -> list:
+    """The WAL run's own figures: how fresh the local archive is, and how far off-site
+    has it (a lag a dashboard shows on its own; kept from the last run that knew)."""
+    if "wal_newest" not in outcome:
+        return []
+    previous = metrics.previous()
+    through = outcome.get("wal_offsite_through")
+    if through is None:
+        through = previous.get(f"{metrics.prefix}_offsite_synced_through_timestamp_seconds", 0)
+    return [
+        (
+            "newest_archived_timestamp_seconds",
+            "When the newest WAL file in the local archive was archived (0: none yet).",
+            int(outcome["wal_newest"] or 0),
+        ),
+        (
+            "offsite_synced_through_timestamp_seconds",
+            "Every WAL file archived up to this time is off-site (the off-site copy's lag).",
+            int(through),
+        ),
+        ("archive_files", "WAL files in the local archive.", outcome.get("wal_files", 0)),
+    ]
+
+
+def _wal_steps(settings: dict, outcome: dict) -> tuple[int, str]:
+    """`pgbackup run wal`: copy the local WAL archive off-site. Every node whose archive
+    holds files copies them (a former primary's last segments too); the copy never
+    changes a file already there, so two nodes cannot overwrite each other."""
+    dest = settings["backup_dir"]
+    outcome["wal_newest"] = wal.newest_archived(dest)
+    outcome["wal_files"] = sum(len(wal.archived_files(dest, system)) for system in wal.systems(dest))
+    if outcome["wal_newest"] is None:
+        return STATUS_OK, "WAL run: nothing archived on this node"
+    if not settings["offsite"]["target"]:
+        return STATUS_OK, f"WAL run: {outcome['wal_files']} files archived locally; no off-site target"
+    try:
+        copy_wal_offsite(settings)
+    except PgBackupError as error:
+        return STATUS_FAILED, f"{error}; the local archive is untouched"
+    outcome["offsite_ok"] = True
+    outcome["wal_offsite_through"] = outcome["wal_newest"]
+    return STATUS_OK, (
+        "WAL archive copied off-site through "
+        + datetime.datetime.fromtimestamp(outcome["wal_newest"], datetime.UTC).isoformat(timespec="seconds")
+    )
+
+
+def copy_wal_offsite(settings: dict):
+    """rclone copy of the archive: new files only (an archived file never changes, and
+    --immutable fails rather than replace one that differs there), hashes compared."""
+    offsite = settings["offsite"]
+    _rclone(
+        offsite["rclone_config"],
+        "copy",
+        os.path.join(settings["backup_dir"], wal.ARCHIVE_FOLDER),
+        remote_path(offsite["target"], wal.ARCHIVE_FOLDER),
+        "--checksum",
+        "--immutable",
+        *NOT_COPIED,
+        what=f"off-site copy of the WAL archive to {offsite['target']}",
+    )
+
+
+def remote_base_sets(settings: dict, names: list[str]) -> list[dict]:
+    """The off-site base backups among names, described from their manifests there as
+    `pgbackup list` describes local ones. A manifest that cannot be read or makes no
+    sense raises: whoever acts on the list (retention, a restore) must not guess."""
+    offsite = settings["offsite"]
+    described = []
+    for name in sorted(
+        name for name in names if name.startswith("physical-") and manifest.SET_NAME.match(name)
+    ):
+        text = _rclone(
+            offsite["rclone_config"],
+            "cat",
+            remote_path(offsite["target"], f"{name}/{manifest.MANIFEST_NAME}"),
+            what=f"reading the manifest of {name} off-site",
+        )
+        try:
+            record = json.loads(text)
+            entry = retention.describe_set(name, remote_path(offsite["target"], name), record)
+            manifest.parse_iso(entry["started_at"])
+            wal.parse_lsn(entry["wal"]["start_lsn"])
+            wal.parse_lsn(entry["wal"]["end_lsn"])
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise PgBackupError(f"the manifest of {name} off-site cannot be used: {error!r}") from None
+        if not record.get("complete") or entry["kind"] != "physical":
+            raise PgBackupError(f"{name} off-site is not a complete base backup")
+        described.append(entry)
+    return described
+
+
+def prune_wal_offsite(settings: dict, kept_sets: list[str]):
+    """The local archive's retention rule, applied off-site: per system, WAL older than
+    the start of the oldest base backup kept there is removed; a system without a base
+    backup there keeps all of its WAL. A manifest there that cannot be read stops the
+    pruning (keeping everything)."""
+    offsite = settings["offsite"]
+    target, config = offsite["target"], offsite["rclone_config"]
+    try:
+        base_sets = remote_base_sets(settings, kept_sets)
+    except PgBackupError as error:
+        log.warning("off-site WAL retention skipped: %s", error)
+        return
+    archive = remote_path(target, wal.ARCHIVE_FOLDER)
+    try:
+        listed = _rclone(config, "lsf", "--dirs-only", archive, what="listing the off-site WAL archive")
+    except PgBackupError:
+        return  # nothing archived off-site yet
+    removed = 0
+    for folder in listed.split():
+        system = folder.rstrip("/")
+        bases = wal.bases_of(base_sets, system) if archive_layout.SYSTEM_ID.fullmatch(system) else []
+        if not bases:
+            continue
+        files = _rclone(
+            config,
+            "lsf",
+            "-R",
+            "--files-only",
+            f"{archive}/{system}",
+            what=f"listing off-site WAL of {system}",
+        ).split()
+        # Names from the remote are used in paths: only the archive's own layout counts.
+        names = {
+            path.rpartition("/")[2][: -len(wal.SUFFIX)]: path
+            for path in files
+            if archive_layout.relative_path_is_archived(path)
+        }
+        doomed, _kept_from = wal.prunable(sorted(names), bases)
+        for name in doomed:
+            _rclone(
+                config, "deletefile", f"{archive}/{system}/{names[name]}", what=f"deleting {name} off-site"
+            )
+        removed += len(doomed)
+    log.info("off-site WAL retention: removed %d files", removed)
+
+
+def fetch_offsite(
+    settings_path: str, set_names: list[str], archive: bool, catalog: bool, latest_kind: str | None = None
+) -> dict:
+    """For a restore on a host that lost its backups: copy the WAL archive back from the
+    off-site copy (new files only), describe the base backups there, and copy sets back
+    (each into a leftover-named folder first, renamed once whole)."""
+    settings = prepare(settings_path)
+    offsite = settings["offsite"]
+    target, config, dest = offsite["target"], offsite["rclone_config"], settings["backup_dir"]
+    if not target:
+        raise PgBackupError("no off-site target is set (backup_offsite_target)")
+    report = {"sets": [], "catalog": [], "wal_files": None}
+    if archive:
+        _rclone(
+            config,
+            "copy",
+            remote_path(target, wal.ARCHIVE_FOLDER),
+            os.path.join(dest, wal.ARCHIVE_FOLDER),
+            "--immutable",
+            *NOT_COPIED,
+            what=f"copying the WAL archive back from {target}",
+        )
+        report["wal_files"] = sum(len(wal.archived_files(dest, system)) for system in wal.systems(dest))
+    if catalog:
+        listed = json.loads(
+            _rclone(config, "lsjson", "--dirs-only", target, what="listing the off-site sets")
+        )
+        report["catalog"] = remote_base_sets(settings, [item["Name"] for item in listed])
+    set_names = list(set_names)
+    if latest_kind:
+        listed = json.loads(
+            _rclone(config, "lsjson", "--dirs-only", target, what="listing the off-site sets")
+        )
+        names = [item["Name"] for item in listed if manifest.SET_NAME.match(item["Name"])]
+        names = [name for name in names if name.startswith(f"{latest_kind}-")]
+        if not names:
+            raise PgBackupError(f"no {latest_kind} set off-site in {target}")
+        set_names.append(max(names, key=lambda name: (manifest.time_of(name), manifest.sequence(name))))
+    for name in set_names:
+        if not manifest.SET_NAME.match(name):
+            raise PgBackupError(f"{name!r} is not a set name")
+        final = os.path.join(dest, name)
+        if not os.path.exists(final):
+            partial = os.path.join(dest, manifest.PARTIAL_PREFIX + name)
+            _rclone(
+                config, "copy", remote_path(target, name), partial, what=f"copying {name} back from {target}"
+            )
+            os.rename(partial, final)
+        restore.verify_set(final)  # structure, sizes and hashes against its manifest
+        report["sets"].append(final)
+    return report
 
 
 def _steps(settings: dict, kind: str, outcome: dict) -> tuple[int, str]:
@@ -445,7 +654,7 @@ def _steps(settings: dict, kind: str, outcome: dict) -> tuple[int, str]:
         report["plaintext_bytes"],
     )
     failed = False
-    for step in (_prune, _offsite, _drive):
+    for step in (_prune, _prune_wal, _offsite, _drive):
         try:
             step(settings, kind, set_path, outcome)
         except PgBackupError as error:
@@ -480,6 +689,37 @@ def _prune(settings: dict, kind: str, _set_path: str, _outcome: dict):
         ", ".join(pruned["removed"] + pruned["leftovers_removed"]) or "nothing",
         len(pruned["kept"]),
     )
+
+
+def _prune_wal(settings: dict, kind: str, _set_path: str, _outcome: dict):
+    """After the base backups' retention: the WAL none of the kept ones needs, and only
+    what is off-site already (when there is an off-site copy), so a failing off-site
+    copy never costs the off-site base backups their WAL. A physical set that cannot be
+    read (whose WAL needs are unknown) stops the pruning."""
+    if kind != "physical":
+        return
+    try:
+        sets = retention.scan(settings["backup_dir"])
+        unreadable = [
+            entry["name"]
+            for entry in sets
+            if entry["status"] != "complete" and entry["name"].startswith("physical-")
+        ]
+        if unreadable:
+            log.warning(
+                "WAL prune skipped: %s cannot be read, so what WAL it needs is unknown", ", ".join(unreadable)
+            )
+            return
+        archived_before = None
+        if settings["offsite"]["target"]:
+            archived_before = (
+                Metrics(settings["metrics_dir"], "wal")
+                .previous()
+                .get("pgbackup_wal_offsite_synced_through_timestamp_seconds", 0)
+            )
+        wal.prune(settings["backup_dir"], sets, archived_before=archived_before)
+    except (PgBackupError, OSError) as error:
+        raise PgBackupError(f"WAL prune failed: {error}") from None
 
 
 def _offsite(settings: dict, _kind: str, set_path: str, outcome: dict):
@@ -569,8 +809,8 @@ def check(settings_path: str, replication: bool) -> dict:
 
 def main(settings_path: str, kind: str, summary: dict | None = None) -> int:
     """`pgbackup run`: settings, environment and event log, then the run."""
-    if kind not in KINDS:
-        raise PgBackupError(f"unknown run kind {kind!r}; use one of {', '.join(KINDS)}")
+    if kind not in RUN_KINDS:
+        raise PgBackupError(f"unknown run kind {kind!r}; use one of {', '.join(RUN_KINDS)}")
     settings = prepare(settings_path)
     run_id = f"{datetime.datetime.now(datetime.UTC).strftime('%Y%m%dT%H%M%SZ')}-{os.getpid()}"
     events = EventLog(settings["log_file"], run_id)

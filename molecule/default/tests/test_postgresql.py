@@ -144,31 +144,52 @@ def test_legacy_md5_password_cannot_log_in(host):
         sql(host, "DROP ROLE legacy_md5")
 
 
-def test_completed_wal_segments_are_archived(host):
+def _archived(host, segment: str) -> str:
+    system = sql(host, "SELECT system_identifier FROM pg_control_system()")
+    return f"/var/backups/postgresql/wal/{system}/{segment[:16]}/{segment}.enc"
+
+
+def test_completed_wal_segments_are_archived_encrypted(host):
     before = int(sql(host, "SELECT archived_count FROM pg_stat_archiver"))
     segment = sql(
         host,
-        "CREATE TABLE IF NOT EXISTS archive_probe(x int); INSERT INTO archive_probe VALUES (1);"
+        "CREATE TABLE IF NOT EXISTS archive_probe(x text); INSERT INTO archive_probe VALUES ('plain-probe-text');"
         " SELECT pg_walfile_name(pg_switch_wal())",
     ).splitlines()[-1]
-    archived = host.file(f"/var/lib/postgresql/wal_archive/{segment}")
+    archived = host.file(_archived(host, segment))
     deadline = time.monotonic() + 30
     while not archived.exists and time.monotonic() < deadline:
         time.sleep(1)
     assert archived.exists, f"{segment} was not archived within 30 s"
-    assert archived.user == "postgres"
+    assert archived.user == "postgres" and archived.mode == 0o600
+    assert host.run("head -c 8 %s", archived.path).stdout == "PGBACKUP"
+    assert host.run("grep -c plain-probe-text %s", archived.path).stdout.strip() == "0"
     assert int(sql(host, "SELECT archived_count FROM pg_stat_archiver")) > before
     assert sql(host, "SELECT failed_count FROM pg_stat_archiver") == "0"
 
 
-def test_archive_refuses_to_overwrite_a_segment(host):
-    # The archive_command must fail (so PostgreSQL retries) rather than overwrite.
-    command = sql(host, "SHOW archive_command")
-    existing = host.run("ls /var/lib/postgresql/wal_archive | grep -v part | head -n1").stdout.strip()
-    assert existing
-    probe = command.replace("%f", existing).replace("%p", "/etc/hostname")
-    result = host.run("runuser -u postgres -- sh -c %s", probe)
-    assert result.rc != 0
+def test_archive_refuses_to_overwrite_a_segment_with_other_content(host):
+    # The archive_command must fail (so PostgreSQL retries) rather than overwrite: a copy
+    # of the current segment taken before it is full differs from what gets archived.
+    segment = sql(host, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+    copy = host.run(
+        "runuser -u postgres -- sh -c 'mkdir -p /tmp/early && cp /var/lib/postgresql/15/main/pg_wal/%s /tmp/early/'",
+        segment,
+    )
+    assert copy.rc == 0, copy.stderr
+    sql(host, "INSERT INTO archive_probe VALUES ('more'); SELECT pg_switch_wal()")
+    archived = host.file(_archived(host, segment))
+    deadline = time.monotonic() + 30
+    while not archived.exists and time.monotonic() < deadline:
+        time.sleep(1)
+    before = host.run("sha256sum %s", archived.path).stdout
+    early = host.run(
+        "runuser -u postgres -- sh -c 'cd /var/lib/postgresql/15/main && /usr/local/bin/pgbackup wal-push /tmp/early/%s'",
+        segment,
+    )
+    assert early.rc != 0
+    assert "other content" in early.stderr and "nothing was overwritten" in early.stderr
+    assert host.run("sha256sum %s", archived.path).stdout == before
 
 
 def test_private_key_is_private(host):
