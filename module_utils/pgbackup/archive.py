@@ -179,6 +179,7 @@ def is_archived(name: str, dest: str, pgdata: str = ".") -> bool:
 
 AHEAD_FOLDER = ".pushed-ahead"
 DEFAULT_PUSH_AHEAD = 8
+DEFAULT_FETCH_AHEAD = 8
 DEFAULT_COMPRESSION_LEVEL = 3
 
 

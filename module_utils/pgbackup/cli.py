@@ -513,8 +513,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     sub.add_argument(
         "--fetch-ahead",
         type=int,
-        default=8,
-        help="decrypt up to this many following segments in the background (default 8; 1: none)",
+        default=archive.DEFAULT_FETCH_AHEAD,
+        help=f"decrypt up to this many following segments in the background "
+        f"(default {archive.DEFAULT_FETCH_AHEAD}; 1: none)",
     )
 
     sub = command("wal-list", cmd_wal_list, "the WAL archive: timelines, gaps and the recovery window")

@@ -464,8 +464,8 @@ def _wal_steps(settings: dict, outcome: dict) -> tuple[int, str]:
     holds files copies them (a former primary's last segments too); the copy never
     changes a file already there, so two nodes cannot overwrite each other."""
     dest = settings["backup_dir"]
-    outcome["wal_newest"] = wal.newest_archived(dest)
-    outcome["wal_files"] = sum(len(wal.archived_files(dest, system)) for system in wal.systems(dest))
+    local = wal.local_archive(dest)
+    outcome["wal_newest"], outcome["wal_files"] = local["newest"], local["files"]
     if outcome["wal_newest"] is None:
         return STATUS_OK, "WAL run: nothing archived on this node"
     if not settings["offsite"]["target"]:
@@ -595,7 +595,7 @@ def fetch_offsite(
             *NOT_COPIED,
             what=f"copying the WAL archive back from {target}",
         )
-        report["wal_files"] = sum(len(wal.archived_files(dest, system)) for system in wal.systems(dest))
+        report["wal_files"] = wal.local_archive(dest)["files"]
     if catalog:
         listed = json.loads(
             _rclone(config, "lsjson", "--dirs-only", target, what="listing the off-site sets")

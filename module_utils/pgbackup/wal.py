@@ -13,7 +13,7 @@ The archive lives under the backup directory, beside the base backups that need 
 
 This module imports the crypto stack only where it encrypts or decrypts: PostgreSQL
 runs `pgbackup wal-push` once per segment, and the answer for a segment pushed ahead
-(see push_ahead) must cost a process start and a hash, not the imports.
+(see "pushing ahead" below) must cost a process start and a hash, not the imports.
 
 One folder per system identifier: a cluster made anew (initdb, pg_upgrade) starts its
 segment names over, and must not meet the old cluster's files. Each file is bound
@@ -41,6 +41,7 @@ from .archive import (
     ARCHIVABLE,
     ARCHIVE_FOLDER,
     DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_FETCH_AHEAD,
     DEFAULT_PUSH_AHEAD,
     SEGMENT_NAME,
     SPOOL_LOCK,
@@ -132,23 +133,6 @@ def archived_sha256(path: str, system: str, name: str) -> str | None:
     return parse_binding(header.binding, system, name, path)
 
 
-def push(
-    source: str,
-    dest: str,
-    to,
-    pgdata: str = ".",
-    compression_level: int = 3,
-) -> dict:
-    """Archive one file PostgreSQL hands to archive_command. It is reported archived
-    (returns) only once its encrypted copy is fsynced under its final name, and the
-    folder too; pushing a name already archived with the same content succeeds, with
-    other content it raises RefusedError and overwrites nothing."""
-    name = os.path.basename(source)
-    check_name(name)
-    system = system_identifier(pgdata)
-    return _push_one(source, name, system, dest, to, compression_level)
-
-
 def _push_one(source: str, name: str, system: str, dest: str, to, compression_level: int) -> dict:
     try:
         # Read once, into memory: the hash in the header and the bytes encrypted are of
@@ -163,7 +147,7 @@ def _push_one(source: str, name: str, system: str, dest: str, to, compression_le
 def _push_content(content, source, name, system, dest, to, compression_level) -> dict:
     sha256, size = hashlib.sha256(content).hexdigest(), len(content)
     if is_segment(name):
-        check_segment_head(bytes(content[:SEGMENT_HEAD_BYTES]), size, name, system, source)
+        check_segment_head(content[:SEGMENT_HEAD_BYTES], size, name, system, source)
     target = archived_path(dest, system, name)
     try:
         same = _same_as_archived(target, system, name, sha256)
@@ -205,16 +189,6 @@ def _same_as_archived(target: str, system: str, name: str, sha256: str) -> bool:
     archived = archived_sha256(target, system, name)
     if archived is None:
         return False
-    if archived == sha256:
-        # A push killed between its link and the folder's fsync left a file that may
-        # not survive a power cut: made durable before it is reported archived.
-        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(os.path.dirname(target))
-        return True
     if archived != sha256:
         raise RefusedError(
             f"{name} is already archived at {target} with other content (SHA-256 {archived[:16]}..., "
@@ -222,6 +196,14 @@ def _same_as_archived(target: str, system: str, name: str, sha256: str) -> bool:
             f"identifier {system} write to one archive, or the archive holds a file from a "
             "restored copy of this server: find out which before archiving goes on"
         )
+    # A push killed between its link and the folder's fsync left a file that may not
+    # survive a power cut: made durable before it is reported archived.
+    fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(os.path.dirname(target))
     return True
 
 
@@ -367,7 +349,7 @@ def fetch_command(
     keys,
     dest: str | None = None,
     pgdata: str = ".",
-    ahead: int = 8,
+    ahead: int = DEFAULT_FETCH_AHEAD,
 ) -> dict:
     """`pgbackup wal-fetch`: fetch_with_ahead() from the archive given or set. Every
     failure but NotArchivedError is a PgBackupError, which the command turns into an
@@ -538,9 +520,12 @@ AHEAD_WORKERS = max(1, min(4, os.cpu_count() or 1))
 def push_with_ahead(
     source: str, dest: str, to, pgdata: str = ".", compression_level: int = 3, ahead: int = 0
 ) -> dict:
-    """push() of the file asked for, and of up to `ahead - 1` more that are ready,
-    side by side. Only the asked file's outcome decides the result; an extra file
-    that fails is left for PostgreSQL to ask for (and fail) on its own."""
+    """Archive one file PostgreSQL hands to archive_command, and up to `ahead - 1` more
+    that are ready, side by side. The asked file is reported archived (returns) only
+    once its encrypted copy is fsynced under its final name, and the folder too; a name
+    already archived with the same content succeeds, with other content RefusedError is
+    raised and nothing overwritten. Only the asked file's outcome decides the result;
+    an extra file that fails is left for PostgreSQL to ask for (and fail) on its own."""
     name = os.path.basename(source)
     check_name(name)
     system = system_identifier(pgdata)
@@ -837,7 +822,8 @@ def prune(
     return report
 
 
-def newest_archived(dest: str) -> float | None:
-    """When the newest file of the local archive was archived (None: no archive)."""
+def local_archive(dest: str) -> dict:
+    """The local archive at a glance, from one listing: how many files it holds, and when
+    the newest was archived (None: nothing archived)."""
     times = [item["mtime"] for system in systems(dest) for item in archived_files(dest, system)]
-    return max(times) if times else None
+    return {"files": len(times), "newest": max(times) if times else None}
