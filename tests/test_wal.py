@@ -713,3 +713,36 @@ def test_prune_keeps_what_is_not_off_site_yet(archiving, history):
     assert everything["removed"]
     nothing_synced = wal.prune(archiving["dest"], bases, dry_run=True, archived_before=0)
     assert nothing_synced["removed"] == []
+
+
+def test_a_full_disk_fails_the_push_loudly_and_leaves_nothing_half_written(
+    archiving, keys, segment_copy, tiny_disk
+):
+    before = segment_copy.read_bytes()
+    (tiny_disk / "wal").mkdir()
+    # What else filled the disk (unbuffered: the write that fails holds nothing back).
+    with open(tiny_disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:
+            filler.write(b"\0" * 4096)
+    full = _push(archiving, keys, tiny_disk, segment_copy)
+    assert full.returncode == 1
+    assert "no space left on device" in full.stderr
+    left = [name for _folder, _dirs, files in os.walk(tiny_disk / "wal") for name in files]
+    assert left == [], "neither an archived file nor a temporary one"
+    assert segment_copy.read_bytes() == before  # PostgreSQL keeps its segment and retries
+
+
+def test_a_recovery_the_disk_cannot_hold_is_refused_before_anything_moves(
+    archiving, keys, history, tiny_disk
+):
+    data_dir = tiny_disk / "main"
+    data_dir.mkdir()
+    with pytest.raises(PgBackupError, match="not enough free space"):
+        pitr.plan(
+            archiving["dest"],
+            crypto.load_key_ring([keys["private"]]),
+            "latest",
+            base_sets=history["base_sets"],
+            data_dir=str(data_dir),
+        )
+    assert data_dir.exists()

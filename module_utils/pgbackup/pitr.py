@@ -529,6 +529,11 @@ def wait_for_recovery(
                 done = (action == "promote" and not row[0]) or (action == "pause" and row[1] == "paused")
                 if done:
                     return _reached(conn, row[0], waited)
+        except pg.driver().OperationalError:
+            # The connection went away in the middle of the question: the loop's next
+            # look at the postmaster says whether the server stopped.
+            time.sleep(0.5)
+            continue
         except PgBackupError as error:
             # Refused while starting up is the wait; a server that went away meanwhile is
             # the loop's next question; anything else (authentication) is an error.
