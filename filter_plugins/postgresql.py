@@ -30,6 +30,32 @@ def pg_hba_line(entry):
     return f"{line}  {options}" if options else line
 
 
+def pg_conninfo(params: dict) -> str:
+    """A libpq connection string from a dict: every value quoted, quotes and backslashes
+    escaped, so a value with spaces or quotes stays one value."""
+    parts = []
+    for key, value in params.items():
+        if not str(key).isidentifier():
+            raise AnsibleFilterError(f"pg_conninfo: {key!r} is not a connection parameter name")
+        text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+        parts.append(f"{key}='{text}'")
+    return " ".join(parts)
+
+
+def patroni_parameters(settings: dict) -> dict:
+    """Server settings as Patroni's `postgresql.parameters` want them: booleans as
+    on/off (Patroni passes values to PostgreSQL as text), the rest unchanged."""
+    return {
+        name: ("on" if value else "off") if isinstance(value, bool) else value
+        for name, value in settings.items()
+    }
+
+
 class FilterModule:
     def filters(self):
-        return {"postgresql_conf_value": postgresql_conf_value, "pg_hba_line": pg_hba_line}
+        return {
+            "postgresql_conf_value": postgresql_conf_value,
+            "pg_hba_line": pg_hba_line,
+            "pg_conninfo": pg_conninfo,
+            "patroni_parameters": patroni_parameters,
+        }

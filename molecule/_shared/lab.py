@@ -1,0 +1,65 @@
+"""What the scenarios' tests share: SQL on a lab host, and playbooks run from the
+controller as an operator runs them. Tests import it with
+sys.path.insert(0, <molecule/_shared>)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# cron's environment: a bare PATH, no terminal.
+AS_CRON = (
+    "runuser -u postgres -- env -i PATH=/usr/bin:/bin HOME=/var/lib/postgresql SHELL=/bin/sh LOGNAME=postgres"
+)
+
+
+def lab_variable(name):
+    """A variable of the lab inventory's group_vars (the lab's throwaway secrets)."""
+    with open(os.path.join(REPOSITORY, "inventories", "lab", "group_vars", "all", "main.yml")) as file:
+        return yaml.safe_load(file)[name]
+
+
+def psql(host, query, db="postgres"):
+    """One query as the postgres user over the local socket; its output, trimmed."""
+    result = host.run("runuser -u postgres -- psql -XAtq -v ON_ERROR_STOP=1 -d %s -c %s", db, query)
+    assert result.rc == 0, f"{query}: {result.stderr}"
+    return result.stdout.strip()
+
+
+class Done:
+    """A finished ansible-playbook: its exit code, its output on one line (results are
+    printed as JSON, whose long messages stay whole), and its recap's counts."""
+
+    def __init__(self, completed: subprocess.CompletedProcess):
+        self.returncode = completed.returncode
+        self.output = " ".join((completed.stdout + completed.stderr).split())
+
+    def changed(self) -> int:
+        """Tasks reported changed, summed over the hosts of the recap."""
+        return sum(int(part.split("=")[1]) for part in self.output.split() if part.startswith("changed="))
+
+
+def playbook(path, *extra, limit=None, timeout=900, variables=None) -> Done:
+    """ansible-playbook on the scenario's inventory; path is relative to the repository."""
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "ansible-playbook"),
+        "-i",
+        os.environ["MOLECULE_INVENTORY_FILE"],
+        os.path.join(REPOSITORY, path),
+    ]
+    if limit:
+        command += ["--limit", limit]
+    if variables:
+        command += ["-e", json.dumps(variables)]
+    completed = subprocess.run(  # noqa: PLW1510 - callers check the exit code
+        [*command, *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPOSITORY,
+        env={**os.environ, "ANSIBLE_CALLBACK_RESULT_FORMAT": "json", "ANSIBLE_NOCOLOR": "1"},
+    )
+    return Done(completed)
