@@ -4,6 +4,7 @@ sys.path.insert(0, <molecule/_shared>)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -37,6 +38,12 @@ class Done:
         self.returncode = completed.returncode
         self.output = " ".join((completed.stdout + completed.stderr).split())
 
+    def slowest(self, count=5) -> list[str]:
+        """The slowest tasks, as ansible.posix.profile_tasks timed them ("name: 12.3s")."""
+        timed = re.findall(r"(\S[^=]*?) -{3,} (\d+\.\d+)s", self.output.split("=" * 20)[-1])
+        ranked = sorted(timed, key=lambda item: float(item[1]), reverse=True)[:count]
+        return [f"{name.strip(' =')}: {seconds}s" for name, seconds in ranked]
+
     def changed(self) -> int:
         """Tasks reported changed, summed over the hosts of the recap."""
         return sum(int(part.split("=")[1]) for part in self.output.split() if part.startswith("changed="))
@@ -60,6 +67,12 @@ def playbook(path, *extra, limit=None, timeout=900, variables=None) -> Done:
         text=True,
         timeout=timeout,
         cwd=REPOSITORY,
-        env={**os.environ, "ANSIBLE_CALLBACK_RESULT_FORMAT": "json", "ANSIBLE_NOCOLOR": "1"},
+        env={
+            **os.environ,
+            "ANSIBLE_CALLBACK_RESULT_FORMAT": "json",
+            "ANSIBLE_NOCOLOR": "1",
+            # Each task's time, for the tests that report where a restore spends it.
+            "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
+        },
     )
     return Done(completed)

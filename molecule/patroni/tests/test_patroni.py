@@ -325,7 +325,9 @@ def test_point_in_time_recovery_of_the_whole_cluster(host, members):
     )
     assert done.returncode == 0, done.output
     rto = done.output.split("restore done in ")[1].split()[0] if "restore done in " in done.output else "n/a"
-    print(f"\nRTO of the whole cluster's point-in-time recovery: {rto} s (restore.yml)")
+    print(f"\nRTO of the whole cluster's point-in-time recovery: {rto} s (restore.yml); slowest steps:")
+    for step in done.slowest():
+        print(f"  {step}")
 
     state = wait_for(lambda: healthy(host), 120, "a healthy cluster after the recovery")
     assert leader_of(host) == recovered
