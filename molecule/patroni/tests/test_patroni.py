@@ -257,9 +257,22 @@ def test_failover_with_the_low_latency_timings(host, members, writer_ready):
     failover(host, members, "low latency: ttl 10, loop_wait 2, retry_timeout 4", ttl=10, target=15)
 
 
+def with_a_sync_standby(host):
+    """The members, once one of them is the synchronous standby (None until then)."""
+    state = cluster(host)
+    return state if any(m["Role"] == "Sync Standby" for m in state) else None
+
+
 def test_a_switchover_to_a_chosen_member(host, members):
+    """In synchronous mode only the synchronous standby may take over: the other
+    replica is refused, naming why, and the synchronous one is switched to."""
+    state = wait_for(lambda: with_a_sync_standby(host), 60, "a synchronous standby")
     leader = leader_of(host)
-    candidate = next(name for name in MEMBERS if name != leader)
+    candidate = next(m["Member"] for m in state if m["Role"] == "Sync Standby")
+    other = next(name for name in MEMBERS if name not in (leader, candidate))
+    not_sync = playbook("playbooks/switchover.yml", variables={"patroni_switchover_candidate": other})
+    assert not_sync.returncode != 0 and "synchronous when the cluster is" in not_sync.output
+    assert leader_of(host) == leader
     done = playbook("playbooks/switchover.yml", variables={"patroni_switchover_candidate": candidate})
     assert done.returncode == 0, done.output
     assert leader_of(host) == candidate
@@ -355,7 +368,9 @@ def test_point_in_time_recovery_of_the_whole_cluster(host, members):
         kept = members[name].run("ls -d /var/lib/postgresql/15/main.pre-pitr-*").stdout.split()
         assert len(kept) == 1, (name, kept)
     assert old_leader in set(MEMBERS) - {leader}
-    # Patroni's state in etcd is the recovered cluster's: it switches over like any other.
+    # Patroni's state in etcd is the recovered cluster's: it switches over like any other
+    # (in synchronous mode, to the synchronous standby once there is one).
+    wait_for(lambda: with_a_sync_standby(host), 60, "a synchronous standby after the recovery")
     switched = playbook("playbooks/switchover.yml")
     assert switched.returncode == 0, switched.output
     assert leader_of(host) != leader and healthy(host)
