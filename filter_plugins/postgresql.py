@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ansible.errors import AnsibleFilterError
 
 
@@ -42,6 +44,13 @@ def pg_conninfo(params: dict) -> str:
     return " ".join(parts)
 
 
+def pg_slot_name(host: str) -> str:
+    """The physical replication slot of a standby, from its host name: slot names allow
+    lower-case letters, digits and underscores only. The primary creates the slot and
+    the standby streams through it by this one name."""
+    return re.sub(r"[^a-z0-9_]", "_", str(host).lower())
+
+
 def patroni_parameters(settings: dict) -> dict:
     """Server settings as Patroni's `postgresql.parameters` want them: booleans as
     on/off (Patroni passes values to PostgreSQL as text), the rest unchanged."""
@@ -57,5 +66,6 @@ class FilterModule:
             "postgresql_conf_value": postgresql_conf_value,
             "pg_hba_line": pg_hba_line,
             "pg_conninfo": pg_conninfo,
+            "pg_slot_name": pg_slot_name,
             "patroni_parameters": patroni_parameters,
         }

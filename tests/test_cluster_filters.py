@@ -13,7 +13,7 @@ from ansible.errors import AnsibleFilterError
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "filter_plugins"))
-from postgresql import patroni_parameters, pg_conninfo
+from postgresql import patroni_parameters, pg_conninfo, pg_slot_name
 
 
 @pytest.mark.parametrize(
@@ -46,3 +46,8 @@ def test_patroni_parameters_spell_booleans_as_postgresql_does():
         "port": 5432,
         "archive_command": "pgbackup wal-push %p",
     }
+
+
+def test_a_standbys_slot_name_is_one_postgresql_accepts():
+    assert pg_slot_name("pg-repl-2") == "pg_repl_2"
+    assert pg_slot_name("DB2.Example.internal") == "db2_example_internal"
