@@ -51,6 +51,17 @@ def pg_slot_name(host: str) -> str:
     return re.sub(r"[^a-z0-9_]", "_", str(host).lower())
 
 
+def pgpass_line(fields) -> str:
+    """One passfile line from [host, port, database, user, password]: backslash and colon
+    escaped in every field (libpq's rule), so a password holding either is read back as
+    given. A line break cannot be written in a passfile and is refused."""
+    if not isinstance(fields, (list, tuple)) or len(fields) != 5:
+        raise AnsibleFilterError("pgpass_line: give [host, port, database, user, password]")
+    if any("\n" in str(field) or "\r" in str(field) for field in fields):
+        raise AnsibleFilterError("pgpass_line: a passfile field cannot hold a line break")
+    return ":".join(str(field).replace("\\", "\\\\").replace(":", "\\:") for field in fields)
+
+
 def patroni_parameters(settings: dict) -> dict:
     """Server settings as Patroni's `postgresql.parameters` want them: booleans as
     on/off (Patroni passes values to PostgreSQL as text), the rest unchanged."""
@@ -67,5 +78,6 @@ class FilterModule:
             "pg_hba_line": pg_hba_line,
             "pg_conninfo": pg_conninfo,
             "pg_slot_name": pg_slot_name,
+            "pgpass_line": pgpass_line,
             "patroni_parameters": patroni_parameters,
         }

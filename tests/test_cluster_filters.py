@@ -13,7 +13,7 @@ from ansible.errors import AnsibleFilterError
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "filter_plugins"))
-from postgresql import patroni_parameters, pg_conninfo, pg_slot_name
+from postgresql import patroni_parameters, pg_conninfo, pg_slot_name, pgpass_line
 
 
 @pytest.mark.parametrize(
@@ -51,3 +51,34 @@ def test_patroni_parameters_spell_booleans_as_postgresql_does():
 def test_a_standbys_slot_name_is_one_postgresql_accepts():
     assert pg_slot_name("pg-repl-2") == "pg_repl_2"
     assert pg_slot_name("DB2.Example.internal") == "db2_example_internal"
+
+
+@pytest.mark.parametrize("password", ["plain-password", "with:colon", "back\\slash", "both\\:x:\\", "*"])
+def test_libpq_logs_in_with_the_password_a_pgpass_line_holds(cluster, tmp_path, password):
+    """A real login through the passfile the filter writes, as the backup role, the
+    standbys and the Zabbix agent use theirs."""
+    role = "pgpass_probe"
+    with psycopg.connect(autocommit=True) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {role}")
+        conn.execute(
+            psycopg.sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                psycopg.sql.Identifier(role), psycopg.sql.Literal(password)
+            )
+        )
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(pgpass_line(["127.0.0.1", cluster["port"], "*", role, password]) + "\n")
+    passfile.chmod(0o600)
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=cluster["port"],
+        user=role,
+        dbname="postgres",
+        passfile=str(passfile),
+        sslmode="require",
+    ) as conn:
+        assert conn.execute("SELECT current_user").fetchone()[0] == role
+
+
+def test_a_line_break_cannot_go_into_a_passfile():
+    with pytest.raises(AnsibleFilterError, match="line break"):
+        pgpass_line(["h", 5432, "*", "u", "pass\nword"])

@@ -50,6 +50,7 @@ CORE_CALLS = [
     (pitr, "plan"),
     (pitr, "wait_for_recovery"),
     (run, "fetch_offsite"),
+    (run, "record_drill"),
 ]
 
 
@@ -101,7 +102,7 @@ def sentinel_for_action(action: argparse.Action):
     if action.choices:
         value = next(choice for choice in action.choices if choice != action.default)
         return [value], value, repr(value)
-    if action.type in (int, float, cli._positive):
+    if action.type in (int, float, cli._positive, cli._seconds):
         number = next(counter)
         return [str(number)], number, str(number)
     text = f"/sentinel/{action.dest}-{next(counter)}"

@@ -6,18 +6,22 @@ remote is an sftp remote on a loopback port nobody listens on.
 
 from __future__ import annotations
 
+import calendar
 import datetime
 import fcntl
 import json
 import os
 import re
+import shutil
 import stat
+import time
 
 import pytest
 from conftest import run_cli
 from pgbackup import manifest, retention
 from pgbackup import run as scheduled
 from pgcluster import free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @pytest.fixture
@@ -75,9 +79,18 @@ def log_text(site):
 
 
 def metrics(site, kind="logical"):
-    name = "pgbackup" if kind == "logical" else f"pgbackup_{kind}"
-    text = (site["dir"] / "metrics" / f"{name}.prom").read_text()
-    return {key: float(value) for key, value in re.findall(rf"^({name}_\w+) (\S+)$", text, re.MULTILINE)}
+    """The series of a run kind's metrics file, parsed as Prometheus does (the official
+    client's parser), keyed "name" or "name:repository"."""
+    text = (site["dir"] / "metrics" / f"pgbackup_{kind}.prom").read_text()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            assert labels.pop("kind", kind) == kind, sample
+            key = sample.name + (f":{labels.pop('repository')}" if "repository" in labels else "")
+            assert not labels, sample
+            values[key] = sample.value
+    return values
 
 
 def complete(site, kind="logical"):
@@ -124,10 +137,22 @@ def test_a_run_backs_up_verifies_prunes_copies_and_reports(site, key_file):
     )
     values = metrics(site)
     assert values["pgbackup_last_run_status"] == 0
-    assert values["pgbackup_last_success_timestamp_seconds"] > 0
-    assert values["pgbackup_offsite_last_success_timestamp_seconds"] > 0
-    assert values["pgbackup_last_backup_size_bytes"] == made["total_size"]
-    metrics_file = site["dir"] / "metrics" / "pgbackup.prom"
+    assert values["pgbackup_last_status:local"] == values["pgbackup_last_status:offsite"] == 0
+    assert values["pgbackup_last_success_timestamp_seconds:local"] > 0
+    assert values["pgbackup_last_success_timestamp_seconds:offsite"] > 0
+    assert values["pgbackup_last_set_size_bytes"] == made["total_size"]
+    assert values["pgbackup_sets"] == 1
+    assert values["pgbackup_newest_set_timestamp_seconds"] == calendar.timegm(
+        time.strptime(made["started_at"], "%Y-%m-%dT%H:%M:%SZ")
+    )
+    volume = (site["dir"] / "metrics" / "pgbackup_volume.prom").read_text()
+    (family,) = [
+        family for family in text_string_to_metric_families(volume) if family.name.endswith("free_bytes")
+    ]
+    (sample,) = family.samples
+    assert sample.labels == {"repository": "local"}
+    assert abs(sample.value - shutil.disk_usage(site["backups"]).free) < 64 * 1024 * 1024
+    metrics_file = site["dir"] / "metrics" / "pgbackup_logical.prom"
     assert stat.S_IMODE(metrics_file.stat().st_mode) == 0o644  # the exporter runs as another user
     assert stat.S_IMODE(os.stat(site["backups"] / ".run.lock").st_mode) == 0o600
 
@@ -141,7 +166,9 @@ def test_a_physical_run_prunes_only_physical_sets(site):
         assert result.returncode == 0, log_text(site)
     assert len(complete(site, "physical")) == 1, "physical retention keeps 1"
     assert len(complete(site, "logical")) == 2, "a physical run must not prune dumps"
-    assert metrics(site, "physical")["pgbackup_physical_last_run_status"] == 0
+    physical_metrics = metrics(site, "physical")
+    assert physical_metrics["pgbackup_last_run_status"] == 0
+    assert physical_metrics["pgbackup_sets"] == 1
 
 
 def test_not_this_nodes_turn_is_a_skip_not_a_failure(site):
@@ -161,6 +188,23 @@ def test_a_dead_server_fails_loudly(site):
     assert metrics(site)["pgbackup_last_run_status"] == 1
 
 
+def test_a_wrong_password_names_the_cause_and_the_fix(site, tmp_path):
+    """libpq says what failed on its first line and where the password came from on the
+    next: the log keeps both, and check names the setting to fix."""
+    wrong = tmp_path / "wrong-pgpass"
+    wrong.write_text("*:*:*:postgres:not-the-password\n")
+    wrong.chmod(0o600)
+    site["write"](connection={"passfile": str(wrong)})
+    assert run(site).returncode == 1
+    logged = log_text(site)
+    assert 'password authentication failed for user "postgres"' in logged
+    assert f'password retrieved from file "{wrong}"' in logged
+    assert metrics(site)["pgbackup_last_run_status"] == 1
+    result = check(site)
+    assert result.returncode == 1
+    assert "(the passfile's password does not match the role's)" in result.stderr
+
+
 def test_a_held_lock_is_a_visible_failure(site):
     assert run(site).returncode == 0
     before = metrics(site)
@@ -178,7 +222,8 @@ def test_a_held_lock_is_a_visible_failure(site):
     after = metrics(site)
     assert after["pgbackup_last_run_status"] == 1
     assert (
-        after["pgbackup_last_success_timestamp_seconds"] == before["pgbackup_last_success_timestamp_seconds"]
+        after["pgbackup_last_success_timestamp_seconds:local"]
+        == before["pgbackup_last_success_timestamp_seconds:local"]
     )
     assert len(complete(site)) == 1
 
@@ -206,9 +251,15 @@ def test_a_dead_remote_fails_the_run_but_keeps_every_set(site, key_file):
     assert re.search(r" ERR off-site copy to dead:backups failed: .*; local sets are kept", log_text(site))
     after = metrics(site)
     assert after["pgbackup_last_run_status"] == 1
+    assert after["pgbackup_last_status:local"] == 0, "the set itself was made and verified"
+    assert after["pgbackup_last_status:offsite"] == 1
     assert (
-        after["pgbackup_offsite_last_success_timestamp_seconds"]
-        == before["pgbackup_offsite_last_success_timestamp_seconds"]
+        after["pgbackup_last_attempt_timestamp_seconds:offsite"]
+        >= before["pgbackup_last_success_timestamp_seconds:offsite"]
+    )
+    assert (
+        after["pgbackup_last_success_timestamp_seconds:offsite"]
+        == before["pgbackup_last_success_timestamp_seconds:offsite"]
     )
 
 
@@ -219,9 +270,17 @@ def test_the_external_drive_is_skipped_unmounted_and_filled_when_mounted(site, t
     site["write"](external_drive=str(unmounted), logical={"databases": [small]})
     assert run(site).returncode == 0
     assert f"external drive copy skipped: {unmounted} is not mounted" in log_text(site)
+    skipped = metrics(site)
+    assert skipped["pgbackup_last_status:external"] == 2
+    assert skipped["pgbackup_last_success_timestamp_seconds:external"] == 0
     site["write"](external_drive=str(tiny_disk), logical={"databases": [small]})
     assert run(site).returncode == 0, log_text(site)
     assert f"external drive copy to {tiny_disk} done" in log_text(site)
+    copied = metrics(site)
+    assert copied["pgbackup_last_status:external"] == 0
+    assert copied["pgbackup_last_success_timestamp_seconds:external"] > 0
+    volume = (site["dir"] / "metrics" / "pgbackup_volume.prom").read_text()
+    assert f'pgbackup_volume_size_bytes{{repository="external"}} {256 * 1024}' in volume
     newest = complete(site)[0]
     assert files_of(tiny_disk / "postgresql" / newest["name"]) == [
         name for name in files_of(newest["path"]) if name != ".lock"

@@ -32,6 +32,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError("must be a number of seconds, 0 or more")
+    return value
+
+
 def _print(result, as_json: bool, human: str):
     print(json.dumps(result, indent=2, sort_keys=True) if as_json else human)
 
@@ -214,6 +221,15 @@ def cmd_run(args):
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     return code
+
+
+def cmd_drill_record(args):
+    recorded = run.record_drill(args.settings, args.result, args.rto, args.rpo)
+    _print(
+        {"metrics": recorded.path, "result": args.result},
+        args.json,
+        f"drill {args.result}: recorded in {recorded.path}",
+    )
 
 
 def cmd_check(args):
@@ -576,6 +592,15 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     sub = command("check", cmd_check, "connect as the scheduled run will, and say what is wrong")
     settings_option(sub)
     sub.add_argument("--replication", action="store_true", help="also open a replication connection")
+    sub.add_argument("--json", action="store_true")
+
+    sub = command(
+        "drill-record", cmd_drill_record, "record a recovery drill's result and RTO/RPO in the metrics"
+    )
+    sub.add_argument("result", choices=["passed", "failed"])
+    sub.add_argument("--rto", type=_seconds, help="seconds the drill's restore took")
+    sub.add_argument("--rpo", type=_seconds, help="seconds of data the drill could not recover")
+    settings_option(sub)
     sub.add_argument("--json", action="store_true")
 
     sub = command("kept", cmd_kept, "list, or drop, the databases restore --force kept aside")

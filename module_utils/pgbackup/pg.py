@@ -104,8 +104,12 @@ def connect(dbname: str = MAINTENANCE_DB):
             dbname=dbname, autocommit=True, connect_timeout=15, application_name="pgbackup"
         )
     except psycopg.OperationalError as error:
-        first_line = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-        raise PgBackupError(f"cannot connect to database {dbname!r}: {first_line}") from None
+        # Every line: libpq puts the cause first ("password authentication failed")
+        # and may add where the password came from after it.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise PgBackupError(
+            f"cannot connect to database {dbname!r}: {'; '.join(lines) or repr(error)}"
+        ) from None
     try:
         yield conn
     finally:

@@ -28,7 +28,7 @@ import syslog
 import time
 
 from . import archive as archive_layout
-from . import backup, crypto, manifest, pg, physical, restore, retention, wal
+from . import backup, crypto, manifest, metrics, pg, physical, restore, retention, wal
 from .connection import CONNECTION_ARGUMENT_SPEC, apply_connection_params
 from .errors import PgBackupError, RefusedError
 from .fsutil import open_no_follow, refuse_links, require_owner
@@ -40,7 +40,9 @@ KINDS = ("logical", "physical")  # the kinds of set
 RUN_KINDS = (*KINDS, "wal")
 WAL_LOCK_NAME = ".wal-run.lock"
 EXIT_OK, EXIT_FAILED, EXIT_BUSY = 0, 1, 75
-STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = 0, 1, 2
+STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = metrics.STATUS_OK, metrics.STATUS_FAILED, metrics.STATUS_SKIPPED
+# The WAL run's record of what it has copied off-site; the WAL prune reads it back.
+WAL_OFFSITE_THROUGH = "pgbackup_wal_offsite_synced_through_timestamp_seconds"
 RUN_ON = ("primary", "replica", "any")
 SYSLOG_TAG = "pgbackup-run"
 STANDARD_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
@@ -173,60 +175,6 @@ def run_lock(path: str):
         os.close(fd)
 
 
-class Metrics:
-    """The run's metrics file for the textfile collector, one per kind, written whole
-    under a temporary name and renamed. Readable by the exporter: no secret is in it."""
-
-    def __init__(self, folder: str, kind: str):
-        self.prefix = "pgbackup" if kind == "logical" else f"pgbackup_{kind}"
-        self.path = os.path.join(folder, f"{self.prefix}.prom")
-
-    def previous(self) -> dict[str, float]:
-        values = {}
-        with contextlib.suppress(OSError), open(self.path, encoding="utf-8") as handle:
-            for line in handle:
-                name, _, value = line.partition(" ")
-                if not name.startswith("#"):
-                    with contextlib.suppress(ValueError):
-                        values[name] = float(value)
-        return values
-
-    def write(self, status: int, duration: float, set_bytes: int, offsite_ok: bool, extra=()):
-        now = int(time.time())
-        previous = self.previous()
-        last_success = (
-            now if status == STATUS_OK else previous.get(f"{self.prefix}_last_success_timestamp_seconds", 0)
-        )
-        offsite = (
-            now if offsite_ok else previous.get(f"{self.prefix}_offsite_last_success_timestamp_seconds", 0)
-        )
-        rows = [
-            ("last_run_timestamp_seconds", "When the scheduled backup last ran on this node.", now),
-            (
-                "last_run_status",
-                "0 succeeded, 1 failed (or found the run lock taken), 2 skipped: another node's turn.",
-                status,
-            ),
-            ("last_success_timestamp_seconds", "When a backup last succeeded on this node.", last_success),
-            ("offsite_last_success_timestamp_seconds", "When the off-site copy last succeeded.", offsite),
-            ("last_run_duration_seconds", "Length of the last run.", round(duration, 3)),
-            ("last_backup_size_bytes", "Encrypted size of the set the last run made (0 if none).", set_bytes),
-            *extra,
-        ]
-        text = "".join(
-            f"# HELP {self.prefix}_{name} {help_text}\n# TYPE {self.prefix}_{name} gauge\n"
-            f"{self.prefix}_{name} {int(value) if float(value).is_integer() else value}\n"
-            for name, help_text, value in rows
-        )
-        tmp = f"{self.path}.tmp"
-        with open(
-            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w", encoding="utf-8"
-        ) as handle:
-            os.fchmod(handle.fileno(), 0o644)
-            handle.write(text)
-        os.replace(tmp, self.path)
-
-
 def _rclone(config: str, *args: str, what: str) -> str:
     argv = ["rclone", *(["--config", config] if config else []), *args]
     try:
@@ -318,12 +266,12 @@ def copy_offsite(settings: dict, set_path: str):
         log.warning("off-site retention failed: %s", error)
 
 
-def copy_to_drive(settings: dict):
-    """The external-drive copy, made only when the drive is mounted."""
+def copy_to_drive(settings: dict) -> bool:
+    """The external-drive copy, made only when the drive is mounted (False: it was not)."""
     drive = settings["external_drive"]
     if not os.path.ismount(drive):
         log.info("external drive copy skipped: %s is not mounted", drive)
-        return
+        return False
     # Whoever plugs in the drive controls what is on it: rclone would write through a
     # planted link (postgresql -> /var/lib/postgresql/15/main) as the postgres user.
     refuse_links(os.path.join(drive, "postgresql"), "the external drive's backup folder")
@@ -337,6 +285,7 @@ def copy_to_drive(settings: dict):
         what=f"external drive copy to {drive}",
     )
     log.info("external drive copy to %s done", drive)
+    return True
 
 
 def _turn(run_on: str) -> str | None:
@@ -381,8 +330,8 @@ def scheduled_run(settings: dict, kind: str, summary: dict | None = None) -> int
     `summary`, if given, receives what the run did (status, message, set, size)."""
     summary = {} if summary is None else summary
     started = time.monotonic()
-    metrics = Metrics(settings["metrics_dir"], kind)
-    outcome = {"set_bytes": 0, "offsite_ok": False, "set": None}
+    # What the steps did: the set, its size, and each repository's result.
+    outcome = {"set_bytes": 0, "offsite_ok": False, "set": None, "repositories": {}}
     # The WAL copy runs every few minutes: it must not wait behind a night's backup.
     lock_file = (
         os.path.join(settings["backup_dir"], WAL_LOCK_NAME) if kind == "wal" else settings["lock_file"]
@@ -391,7 +340,7 @@ def scheduled_run(settings: dict, kind: str, summary: dict | None = None) -> int
         with run_lock(lock_file) as holder:
             if holder is not None:
                 summary.update(status="busy", message=f"another backup run holds {lock_file} ({holder})")
-                _write_metrics(metrics, STATUS_FAILED, started, outcome)
+                _write_metrics(settings, kind, STATUS_FAILED, started, outcome)
                 log.error(
                     "another backup run holds %s (%s); this run did nothing. A lock held for longer "
                     "than a run takes is stuck: find that process",
@@ -406,7 +355,7 @@ def scheduled_run(settings: dict, kind: str, summary: dict | None = None) -> int
         status, message = STATUS_FAILED, str(error)
     except Exception as error:  # whatever it was, the run failed and must say so
         status, message = STATUS_FAILED, f"the run stopped on an unexpected {type(error).__name__}: {error}"
-    _write_metrics(metrics, status, started, outcome)
+    _write_metrics(settings, kind, status, started, outcome)
     (log.error if status == STATUS_FAILED else log.info)("%s", message)
     summary.update(
         status=STATUS_WORDS[status],
@@ -421,42 +370,42 @@ def scheduled_run(settings: dict, kind: str, summary: dict | None = None) -> int
     return EXIT_FAILED if status == STATUS_FAILED else EXIT_OK
 
 
-def _write_metrics(metrics: Metrics, status: int, started: float, outcome: dict):
+def _write_metrics(settings: dict, kind: str, status: int, started: float, outcome: dict):
     """Metrics of every run, whatever happened; a failure to write them is logged."""
+    folder = settings["metrics_dir"]
     try:
-        metrics.write(
+        sets = None
+        if kind != "wal" and outcome["set"] is not None:
+            sets = retention.scan(settings["backup_dir"])
+        extra = {}
+        if "wal_newest" in outcome:
+            through = outcome.get("wal_offsite_through")
+            if through is None:
+                through = metrics.MetricsFile(folder, "wal").load().get(WAL_OFFSITE_THROUGH)
+            extra = {
+                "pgbackup_wal_newest_archived_timestamp_seconds": int(outcome["wal_newest"] or 0),
+                WAL_OFFSITE_THROUGH: int(through),
+                "pgbackup_wal_archive_files": outcome.get("wal_files", 0),
+            }
+        metrics.record_run(
+            folder,
+            kind,
             status,
             time.monotonic() - started,
-            outcome["set_bytes"],
-            outcome["offsite_ok"],
-            _wal_rows(metrics, outcome),
+            outcome["repositories"],
+            set_bytes=outcome["set_bytes"] if outcome["set"] else None,
+            sets=sets,
+            extra=extra,
         )
-    except OSError as error:
-        log.error("could not write the metrics %s: %s", metrics.path, error.strerror or error)
-
-
-def _wal_rows(metrics: Metrics, outcome: dict) -> list:
-    """The WAL run's own figures: how fresh the local archive is, and how far off-site
-    has it (a lag a dashboard shows on its own; kept from the last run that knew)."""
-    if "wal_newest" not in outcome:
-        return []
-    previous = metrics.previous()
-    through = outcome.get("wal_offsite_through")
-    if through is None:
-        through = previous.get(f"{metrics.prefix}_offsite_synced_through_timestamp_seconds", 0)
-    return [
-        (
-            "newest_archived_timestamp_seconds",
-            "When the newest WAL file in the local archive was archived (0: none yet).",
-            int(outcome["wal_newest"] or 0),
-        ),
-        (
-            "offsite_synced_through_timestamp_seconds",
-            "Every WAL file archived up to this time is off-site (the off-site copy's lag).",
-            int(through),
-        ),
-        ("archive_files", "WAL files in the local archive.", outcome.get("wal_files", 0)),
-    ]
+        volumes = {"local": settings["backup_dir"]}
+        if settings["external_drive"] and os.path.ismount(settings["external_drive"]):
+            volumes["external"] = settings["external_drive"]
+        metrics.record_volumes(folder, volumes)
+        if kind != "logical":
+            metrics.record_recovery_window(folder, wal.describe(settings["backup_dir"], sets))
+    except (OSError, PgBackupError) as error:
+        text = error.strerror if isinstance(error, OSError) and error.strerror else error
+        log.error("could not write the metrics in %s: %s", folder, text)
 
 
 def _wal_steps(settings: dict, outcome: dict) -> tuple[int, str]:
@@ -470,11 +419,13 @@ def _wal_steps(settings: dict, outcome: dict) -> tuple[int, str]:
         return STATUS_OK, "WAL run: nothing archived on this node"
     if not settings["offsite"]["target"]:
         return STATUS_OK, f"WAL run: {outcome['wal_files']} files archived locally; no off-site target"
+    outcome["repositories"]["offsite"] = metrics.STATUS_FAILED
     try:
         copy_wal_offsite(settings)
     except PgBackupError as error:
         return STATUS_FAILED, f"{error}; the local archive is untouched"
     outcome["offsite_ok"] = True
+    outcome["repositories"]["offsite"] = metrics.STATUS_OK
     outcome["wal_offsite_through"] = outcome["wal_newest"]
     return STATUS_OK, (
         "WAL archive copied off-site through "
@@ -635,6 +586,7 @@ def _steps(settings: dict, kind: str, outcome: dict) -> tuple[int, str]:
             return STATUS_SKIPPED, not_my_turn
     except PgBackupError as error:
         return STATUS_FAILED, str(error)
+    outcome["repositories"]["local"] = metrics.STATUS_FAILED
     try:
         recipients = crypto.load_recipients([settings["recipients"]])
         record = _make_set(settings, kind, recipients)
@@ -647,6 +599,7 @@ def _steps(settings: dict, kind: str, outcome: dict) -> tuple[int, str]:
         report = restore.verify_set(set_path)
     except PgBackupError as error:
         return STATUS_FAILED, f"verify FAILED for {set_path}: {error}"
+    outcome["repositories"]["local"] = metrics.STATUS_OK
     log.info(
         "verify passed: %s: OK (%d files, %d bytes; structure, sizes and hashes: no private key here)",
         set_path,
@@ -712,10 +665,9 @@ def _prune_wal(settings: dict, kind: str, _set_path: str, _outcome: dict):
             return
         archived_before = None
         if settings["offsite"]["target"]:
+            # What the WAL runs have copied off-site, as their metrics record it.
             archived_before = (
-                Metrics(settings["metrics_dir"], "wal")
-                .previous()
-                .get("pgbackup_wal_offsite_synced_through_timestamp_seconds", 0)
+                metrics.MetricsFile(settings["metrics_dir"], "wal").load().get(WAL_OFFSITE_THROUGH)
             )
         wal.prune(settings["backup_dir"], sets, archived_before=archived_before)
     except (PgBackupError, OSError) as error:
@@ -724,16 +676,29 @@ def _prune_wal(settings: dict, kind: str, _set_path: str, _outcome: dict):
 
 def _offsite(settings: dict, _kind: str, set_path: str, outcome: dict):
     if settings["offsite"]["target"]:
+        outcome["repositories"]["offsite"] = metrics.STATUS_FAILED
         try:
             copy_offsite(settings, set_path)
         except PgBackupError as error:
             raise PgBackupError(f"{error}; local sets are kept") from None
         outcome["offsite_ok"] = True
+        outcome["repositories"]["offsite"] = metrics.STATUS_OK
 
 
-def _drive(settings: dict, _kind: str, _set_path: str, _outcome: dict):
+def _drive(settings: dict, _kind: str, _set_path: str, outcome: dict):
     if settings["external_drive"]:
-        copy_to_drive(settings)
+        outcome["repositories"]["external"] = metrics.STATUS_FAILED
+        copied = copy_to_drive(settings)
+        outcome["repositories"]["external"] = metrics.STATUS_OK if copied else metrics.STATUS_SKIPPED
+
+
+def record_drill(settings_path: str, result: str, rto_seconds, rpo_seconds) -> metrics.MetricsFile:
+    """`pgbackup drill-record`: a recovery drill's result (passed or failed) into the
+    run's metrics folder."""
+    if result not in ("passed", "failed"):
+        raise PgBackupError(f"a drill's result is passed or failed, not {result!r}")
+    settings = load_settings(settings_path)
+    return metrics.record_drill(settings["metrics_dir"], result == "passed", rto_seconds, rpo_seconds)
 
 
 def prepare(settings_path: str) -> dict:

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import yaml
 
@@ -21,6 +22,18 @@ def lab_variable(name):
     """A variable of the lab inventory's group_vars (the lab's throwaway secrets)."""
     with open(os.path.join(REPOSITORY, "inventories", "lab", "group_vars", "all", "main.yml")) as file:
         return yaml.safe_load(file)[name]
+
+
+def wait_for(check, seconds, what):
+    """Poll check() every second until it returns something true (returned), at most
+    `seconds`; then fail naming what did not happen."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"{what}: not within {seconds} s")
 
 
 def psql(host, query, db="postgres"):

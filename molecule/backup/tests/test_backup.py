@@ -13,7 +13,7 @@ testinfra_hosts = ["pg-backup-1"]
 
 BACKUP_DIR = "/var/backups/postgresql"
 LOG = "/var/log/pgbackup/pgbackup.log"
-METRICS = "/var/lib/pgbackup/metrics/pgbackup.prom"
+METRICS = "/var/lib/pgbackup/metrics/pgbackup_logical.prom"
 RECIPIENTS = "/etc/pgbackup/recipients"
 # Where format version 1 kept its symmetric key (prepare.yml plants one, as on an upgraded host).
 VERSION1_KEY = "/etc/pgbackup/backup.key"
@@ -72,8 +72,12 @@ def complete_sets(host):
     return [entry for entry in json.loads(listed.stdout) if entry["status"] == "complete"]
 
 
+LOGICAL_STATUS = 'pgbackup_last_run_status{kind="logical"}'
+
+
 def metric(host, name, path=METRICS):
-    match = re.search(rf"^{name} (\S+)$", host.file(path).content_string, re.MULTILINE)
+    """A series' value; name as the file writes it: name{label="value",...}."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", host.file(path).content_string, re.MULTILINE)
     assert match, f"{name} missing from {path}"
     return float(match.group(1))
 
@@ -254,9 +258,9 @@ def test_every_event_is_logged_and_metrics_say_success(host, first_run):
         "run finished",
     ):
         assert event in log, event
-    assert metric(host, "pgbackup_last_run_status") == 0
-    assert metric(host, "pgbackup_last_success_timestamp_seconds") > 0
-    assert metric(host, "pgbackup_offsite_last_success_timestamp_seconds") > 0
+    assert metric(host, LOGICAL_STATUS) == 0
+    assert metric(host, 'pgbackup_last_success_timestamp_seconds{kind="logical",repository="local"}') > 0
+    assert metric(host, 'pgbackup_last_success_timestamp_seconds{kind="logical",repository="offsite"}') > 0
     journal = host.run("journalctl -t pgbackup-run --no-pager -q")
     assert "run finished" in journal.stdout
 
@@ -325,7 +329,7 @@ def test_second_run_at_the_same_moment_is_refused_and_counted_as_failed(host, fi
     )
     assert result.rc == 75
     assert f"another backup run holds {RUN_LOCK}" in host.file(LOG).content_string
-    assert metric(host, "pgbackup_last_run_status") == 1
+    assert metric(host, LOGICAL_STATUS) == 1
     assert len(complete_sets(host)) == before
 
 
@@ -395,7 +399,7 @@ def test_dead_remote_fails_the_sync_but_keeps_the_local_set(host, offsite, first
     assert re.search(
         r"ERR off-site copy to offsite:/srv/offsite/pg-backup-1 failed: .*; local sets are kept", log
     )
-    assert metric(host, "pgbackup_last_run_status") == 1
+    assert metric(host, LOGICAL_STATUS) == 1
 
 
 def test_database_down_fails_loudly_instead_of_skipping(host, first_run):
@@ -406,7 +410,7 @@ def test_database_down_fails_loudly_instead_of_skipping(host, first_run):
         host.run("systemctl start postgresql@15-main")
     assert result.rc == 1
     assert "cannot tell whether this node should run the backup" in host.file(LOG).content_string
-    assert metric(host, "pgbackup_last_run_status") == 1
+    assert metric(host, LOGICAL_STATUS) == 1
 
 
 def test_weekly_physical_backup_runs_verifies_and_goes_offsite(host, offsite, first_run):
@@ -423,7 +427,7 @@ def test_weekly_physical_backup_runs_verifies_and_goes_offsite(host, offsite, fi
     for part in ("base.1.tar.enc", "base.2.tar.enc"):
         assert offsite.file(f"/srv/offsite/pg-backup-1/{name}/{part}").exists
     physical_metrics = "/var/lib/pgbackup/metrics/pgbackup_physical.prom"
-    assert metric(host, "pgbackup_physical_last_run_status", physical_metrics) == 0
+    assert metric(host, 'pgbackup_last_run_status{kind="physical"}', physical_metrics) == 0
 
 
 def test_external_drive_is_skipped_unmounted_and_filled_when_mounted(host, first_run):
@@ -503,7 +507,7 @@ def run_with(host, settings, run_on):
 
 
 def standby_status(host):
-    return metric(host, "pgbackup_last_run_status", "/tmp/standby-metrics/pgbackup.prom")
+    return metric(host, LOGICAL_STATUS, "/tmp/standby-metrics/pgbackup_logical.prom")
 
 
 def test_standby_leaves_the_backup_to_the_primary(host, standby):
@@ -538,7 +542,7 @@ def test_a_chosen_replica_runs_the_backup_and_the_primary_does_not(host, standby
         host.run("rm -f /etc/pgbackup/primary-test.json")
     assert result.rc == 0
     assert "this node is the primary; a replica runs the backup" in host.file(LOG).content_string
-    assert metric(host, "pgbackup_last_run_status") == 2
+    assert metric(host, LOGICAL_STATUS) == 2
     assert len(complete_sets(host)) == sets_before
 
 

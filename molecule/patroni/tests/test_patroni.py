@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "_shared")
 )
-from lab import AS_CRON, playbook, psql
+from lab import AS_CRON, playbook, psql, wait_for
 
 testinfra_hosts = ["docker://pg-ha-1"]
 
@@ -67,16 +67,6 @@ def cluster(host) -> list:
 def leader_of(host) -> str | None:
     leaders = [member["Member"] for member in cluster(host) if member["Role"] == "Leader"]
     return leaders[0] if len(leaders) == 1 else None
-
-
-def wait_for(check, seconds, what):
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        value = check()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"{what}: not within {seconds} s")
 
 
 def healthy(host, size=3):

@@ -145,7 +145,8 @@ def test_the_archive_is_off_site_and_its_lag_is_reported(host, history):
     assert any(history["segments"][3] in path for path in remote)
     metrics = host.file("/var/lib/pgbackup/metrics/pgbackup_wal.prom").content_string
     values = dict(line.split() for line in metrics.splitlines() if not line.startswith("#"))
-    assert values["pgbackup_wal_last_run_status"] == "0"
+    assert values['pgbackup_last_run_status{kind="wal"}'] == "0"
+    assert values['pgbackup_last_status{kind="wal",repository="offsite"}'] == "0"
     synced = float(values["pgbackup_wal_offsite_synced_through_timestamp_seconds"])
     newest = float(values["pgbackup_wal_newest_archived_timestamp_seconds"])
     assert newest > 0 and synced == newest
