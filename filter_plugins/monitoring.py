@@ -19,10 +19,6 @@ def monitoring_targets(groups: dict, hostvars) -> list[dict]:
     patroni = set(groups.get("patroni", []))
     replicated = {host for group in REPLICATION_GROUPS for host in groups.get(group, [])}
     primaries = list(groups.get("postgresql_primary", []))
-    if replicated and len(primaries) != 1:
-        raise AnsibleFilterError(
-            f"monitoring_targets: postgresql_primary must hold exactly one host, not {primaries}"
-        )
     targets = []
     for host in hosts:
         variables = hostvars[host]
@@ -31,6 +27,11 @@ def monitoring_targets(groups: dict, hostvars) -> list[dict]:
         elif host in patroni:
             cluster = str(variables.get("patroni_scope") or "patroni")
         elif host in replicated:
+            if len(primaries) != 1:
+                raise AnsibleFilterError(
+                    f"monitoring_targets: {host} needs monitoring_cluster: postgresql_primary holds "
+                    f"{primaries}, not one host that names its cluster"
+                )
             cluster = primaries[0]
         else:
             cluster = host

@@ -5,6 +5,7 @@ drill's record. The scheduled runs that write them are tested in test_run.py."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import stat
 
@@ -100,7 +101,9 @@ def test_files_are_whole_world_readable_and_the_old_name_goes(tmp_path):
     finally:
         os.umask(0o022)
     assert stat.S_IMODE(os.stat(written.path).st_mode) == 0o644
-    assert sorted(os.listdir(tmp_path)) == ["pgbackup_logical.prom"]
+    assert sorted(name for name in os.listdir(tmp_path) if not name.startswith(".")) == [
+        "pgbackup_logical.prom"
+    ]
 
 
 def test_the_recovery_window_is_the_most_recently_archived_chain(tmp_path):
@@ -168,3 +171,49 @@ def test_drill_record_from_the_command_line(tmp_path):
     values = parsed(tmp_path / "pgbackup_drill.prom")
     assert values["pgbackup_drill_last_status", labels()] == 1
     assert values["pgbackup_drill_last_success_timestamp_seconds", labels()] == 0
+
+
+def test_a_window_time_that_does_not_parse_is_no_window(tmp_path):
+    described = [{"windows": [{"earliest_time": 12, "latest_archived_at": "2026-11-28T12:00:00+00:00"}]}]
+    metrics.record_recovery_window(str(tmp_path), described)
+    values = parsed(tmp_path / "pgbackup_recovery_window.prom")
+    assert set(values.values()) == {0}
+
+
+def _hammer(folder, kind, rounds):
+    for number in range(rounds):
+        metrics.record_run(folder, kind, 0, float(number), {"local": 0}, now=1000 + number)
+        metrics.record_volumes(folder, {"local": folder})
+
+
+def test_runs_writing_at_once_never_leave_a_torn_or_lost_file(tmp_path):
+    """A WAL run and a logical run finding the lock taken write the same files at the
+    same moment: every file always parses, each run's last figures are there, and no
+    temporary file is left."""
+    folder = str(tmp_path)
+    workers = [
+        multiprocessing.Process(target=_hammer, args=(folder, kind, 150))
+        for kind in ("logical", "logical", "wal")
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    assert sorted(name for name in os.listdir(tmp_path) if not name.startswith(".")) == [
+        "pgbackup_logical.prom",
+        "pgbackup_volume.prom",
+        "pgbackup_wal.prom",
+    ]
+    assert (
+        parsed(tmp_path / "pgbackup_logical.prom")[
+            "pgbackup_last_run_timestamp_seconds", labels(kind="logical")
+        ]
+        == 1149
+    )
+    assert (
+        parsed(tmp_path / "pgbackup_wal.prom")["pgbackup_last_run_timestamp_seconds", labels(kind="wal")]
+        == 1149
+    )
+    assert parsed(tmp_path / "pgbackup_volume.prom")
+    assert [name for name in os.listdir(tmp_path) if name.endswith(".tmp")] == []

@@ -5,6 +5,8 @@ tests the rules' behaviour in the Molecule scenario `monitoring`, where Promethe
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
 import re
 import sys
@@ -53,8 +55,11 @@ def test_each_topology_gets_its_cluster_label():
 def test_an_explicit_cluster_name_wins_and_two_primaries_are_refused():
     groups = {"postgresql": ["a"], "postgresql_primary": ["a"]}
     assert monitoring_targets(groups, {"a": {"monitoring_cluster": "billing"}})[0]["cluster"] == "billing"
-    with pytest.raises(AnsibleFilterError, match="exactly one host"):
+    with pytest.raises(AnsibleFilterError, match="a needs monitoring_cluster"):
         monitoring_targets({"postgresql_primary": ["a", "b"], "postgresql": ["a", "b"]}, {"a": {}, "b": {}})
+    named = {"a": {"monitoring_cluster": "one"}, "b": {"monitoring_cluster": "two"}}
+    two = monitoring_targets({"postgresql_primary": ["a", "b"], "postgresql": ["a", "b"]}, named)
+    assert [target["cluster"] for target in two] == ["one", "two"]
 
 
 def rendered_rules() -> dict:
@@ -174,3 +179,33 @@ def test_zabbix_has_a_trigger_for_every_prometheus_alert_with_the_same_threshold
         defaults["monitoring_alert_replication_lag_seconds"]
     )
     assert macros["{$PGBACKUP.RUNBOOK.URL}"] == defaults["monitoring_runbook_url"]
+
+
+def patroni_health():
+    path = os.path.join(ROLE, "files", "pgbackup-patroni-health")
+    loader = importlib.machinery.SourceFileLoader("patroni_health", path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("patroni_health", loader))
+    loader.exec_module(module)
+    return module
+
+
+def test_patronis_state_becomes_figures_a_zabbix_item_takes():
+    """Patroni 3.0's GET /patroni: `cluster_unlocked` appears only when true, `state` is
+    a word; the template's items read 0/1 figures."""
+    health = patroni_health()
+    leader = {"state": "running", "role": "master", "timeline": 3, "xlog": {"location": 1}}
+    assert health.figures(leader) == {"up": 1, "running": 1, "unlocked": 0, "role": "master"}
+    orphan = {"state": "running", "role": "replica", "cluster_unlocked": True}
+    assert health.figures(orphan) == {"up": 1, "running": 1, "unlocked": 1, "role": "replica"}
+    assert health.figures({"state": "stopped", "role": "replica"})["running"] == 0
+    down = health.main("https://127.0.0.1:1/patroni", ssl_default_ca())
+    assert down["up"] == 0 and set(down) == {"up", "error"}
+
+
+def ssl_default_ca():
+    return "/etc/ssl/certs/ca-certificates.crt"
+
+
+def test_zabbix_uuids_are_version_4_as_the_import_requires():
+    uuids = re.findall(r"uuid: ([0-9a-f]+)", yaml.safe_dump(zabbix_export()))
+    assert uuids and all(re.fullmatch(r"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}", uuid) for uuid in uuids)

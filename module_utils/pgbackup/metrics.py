@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import os
 import re
+import tempfile
 import time
 
 FAMILIES = {
@@ -119,16 +121,32 @@ class MetricsFile:
             lines += [f"{key} {_number(self.values[key])}" for key in by_family[family]]
         return "".join(f"{line}\n" for line in lines)
 
+    @contextlib.contextmanager
+    def locked(self):
+        """Held from load() to write(): two runs changing one file (a WAL run and a
+        logical run finding the lock taken) do not lose each other's figures."""
+        fd = os.open(
+            os.path.join(self.folder, f".{os.path.basename(self.path)}.lock"), os.O_RDWR | os.O_CREAT, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield self.load()
+        finally:
+            os.close(fd)
+
     def write(self):
-        """Under a temporary name (not *.prom: the collector reads only those), then
-        renamed; 0644, as the exporter runs as another user."""
-        tmp = f"{self.path}.tmp"
-        with open(
-            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "w", encoding="utf-8"
-        ) as handle:
-            os.fchmod(handle.fileno(), 0o644)
-            handle.write(self.text())
-        os.replace(tmp, self.path)
+        """Under a temporary name of its own (hidden, not *.prom: the collector reads only
+        those), then renamed; 0644, as the exporter runs as another user."""
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
+        try:
+            with open(fd, "w", encoding="utf-8") as handle:
+                os.fchmod(handle.fileno(), 0o644)
+                handle.write(self.text())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
         for legacy in LEGACY_FILES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.folder, legacy))
@@ -153,7 +171,13 @@ def record_run(
     run attempted (local, offsite, external); sets: the local repository's scan, for the
     newest set of this kind; extra: unlabelled figures of the kind (the WAL run's)."""
     now = int(time.time() if now is None else now)
-    metrics = MetricsFile(folder, kind).load()
+    with MetricsFile(folder, kind).locked() as metrics:
+        _record_run(metrics, kind, now, status, duration, repositories, set_bytes, sets, extra)
+        metrics.write()
+    return metrics
+
+
+def _record_run(metrics, kind, now, status, duration, repositories, set_bytes, sets, extra):
     metrics.set("pgbackup_last_run_timestamp_seconds", now, kind=kind)
     metrics.set("pgbackup_last_run_status", status, kind=kind)
     metrics.set("pgbackup_last_run_duration_seconds", round(duration, 3), kind=kind)
@@ -171,13 +195,14 @@ def record_run(
         metrics.set("pgbackup_last_set_size_bytes", set_bytes, kind=kind)
     if sets is not None:
         mine = [entry for entry in sets if entry.get("status") == "complete" and entry.get("kind") == kind]
-        newest = max((_epoch(entry["started_at"]) for entry in mine), default=0)
+        newest = max((_epoch(entry["started_at"]) or 0 for entry in mine), default=0)
         metrics.set("pgbackup_newest_set_timestamp_seconds", newest, kind=kind)
         metrics.set("pgbackup_sets", len(mine), kind=kind)
     for name, value in (extra or {}).items():
-        metrics.set(name, value)
-    metrics.write()
-    return metrics
+        if value is None:  # no longer measured: gone, not frozen
+            metrics.values.pop(series(name), None)
+        else:
+            metrics.set(name, value)
 
 
 def record_volumes(folder: str, paths: dict[str, str]):
@@ -196,10 +221,11 @@ def record_recovery_window(folder: str, described: list[dict]):
     (a former system's archive, kept after a restore, does not count); 0 and 0 when no
     base backup has its WAL."""
     windows = [window for system in described for window in system["windows"]]
-    newest = max(windows, key=lambda window: _epoch(window["latest_archived_at"]), default=None)
+    newest = max(windows, key=lambda window: _epoch(window["latest_archived_at"]) or 0, default=None)
     metrics = MetricsFile(folder, "recovery_window")
-    start = _epoch(newest["earliest_time"]) if newest and newest.get("earliest_time") else 0
-    end = _epoch(newest["latest_archived_at"]) if newest else 0
+    # A manifest's time nothing else checks: one that does not parse is no window.
+    start = (_epoch(newest.get("earliest_time")) or 0) if newest else 0
+    end = (_epoch(newest["latest_archived_at"]) or 0) if newest else 0
     metrics.set("pgbackup_recovery_window_start_timestamp_seconds", start)
     metrics.set("pgbackup_recovery_window_end_timestamp_seconds", end if start else 0)
     metrics.write()
@@ -209,7 +235,13 @@ def record_drill(folder: str, passed: bool, rto_seconds: float | None, rpo_secon
     """A recovery drill's result; the figures of the last passing drill are kept when
     one fails."""
     now = int(time.time() if now is None else now)
-    metrics = MetricsFile(folder, "drill").load()
+    with MetricsFile(folder, "drill").locked() as metrics:
+        _record_drill(metrics, now, passed, rto_seconds, rpo_seconds)
+        metrics.write()
+    return metrics
+
+
+def _record_drill(metrics, now, passed, rto_seconds, rpo_seconds):
     metrics.set("pgbackup_drill_last_run_timestamp_seconds", now)
     metrics.set("pgbackup_drill_last_status", STATUS_OK if passed else STATUS_FAILED)
     if passed:
@@ -220,11 +252,13 @@ def record_drill(folder: str, passed: bool, rto_seconds: float | None, rpo_secon
             metrics.set("pgbackup_drill_rpo_seconds", round(rpo_seconds, 3))
     elif series("pgbackup_drill_last_success_timestamp_seconds") not in metrics.values:
         metrics.set("pgbackup_drill_last_success_timestamp_seconds", 0)
-    metrics.write()
-    return metrics
 
 
-def _epoch(text: str) -> int:
-    """Seconds since the epoch of a manifest's or the archive's UTC time (Z or +00:00)."""
-    moment = datetime.datetime.fromisoformat(text)
+def _epoch(text) -> int | None:
+    """Seconds since the epoch of a manifest's or the archive's UTC time (Z or +00:00);
+    None for anything else (a manifest is read from a folder anyone may have written)."""
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
     return int((moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)).timestamp())

@@ -371,41 +371,58 @@ def scheduled_run(settings: dict, kind: str, summary: dict | None = None) -> int
 
 
 def _write_metrics(settings: dict, kind: str, status: int, started: float, outcome: dict):
-    """Metrics of every run, whatever happened; a failure to write them is logged."""
+    """Metrics of every run, whatever happened: each file on its own, so one that cannot
+    be written (or a set folder that cannot be read) costs only its own figures. A
+    failure is logged, never raised."""
     folder = settings["metrics_dir"]
-    try:
-        sets = None
-        if kind != "wal" and outcome["set"] is not None:
-            sets = retention.scan(settings["backup_dir"])
-        extra = {}
-        if "wal_newest" in outcome:
-            through = outcome.get("wal_offsite_through")
-            if through is None:
-                through = metrics.MetricsFile(folder, "wal").load().get(WAL_OFFSITE_THROUGH)
-            extra = {
-                "pgbackup_wal_newest_archived_timestamp_seconds": int(outcome["wal_newest"] or 0),
-                WAL_OFFSITE_THROUGH: int(through),
-                "pgbackup_wal_archive_files": outcome.get("wal_files", 0),
-            }
-        metrics.record_run(
+    duration = time.monotonic() - started
+    sets = None
+    if kind != "wal" and outcome["set"] is not None:
+        sets = _logged("reading the sets for the metrics", lambda: retention.scan(settings["backup_dir"]))
+    extra = {}
+    if "wal_newest" in outcome:
+        through = outcome.get("wal_offsite_through")
+        if through is None:
+            through = metrics.MetricsFile(folder, "wal").load().get(WAL_OFFSITE_THROUGH)
+        extra = {
+            "pgbackup_wal_newest_archived_timestamp_seconds": int(outcome["wal_newest"] or 0),
+            # Only with an off-site copy: without one there is no lag to alert on.
+            WAL_OFFSITE_THROUGH: int(through) if settings["offsite"]["target"] else None,
+            "pgbackup_wal_archive_files": outcome.get("wal_files", 0),
+        }
+    set_bytes = outcome["set_bytes"] if outcome["set"] else None
+    _logged(
+        f"writing the metrics in {folder}",
+        lambda: metrics.record_run(
             folder,
             kind,
             status,
-            time.monotonic() - started,
+            duration,
             outcome["repositories"],
-            set_bytes=outcome["set_bytes"] if outcome["set"] else None,
+            set_bytes=set_bytes,
             sets=sets,
             extra=extra,
+        ),
+    )
+    volumes = {"local": settings["backup_dir"]}
+    if settings["external_drive"] and os.path.ismount(settings["external_drive"]):
+        volumes["external"] = settings["external_drive"]
+    _logged(f"writing the volume metrics in {folder}", lambda: metrics.record_volumes(folder, volumes))
+    if kind != "logical":
+        _logged(
+            f"writing the recovery window in {folder}",
+            lambda: metrics.record_recovery_window(folder, wal.describe(settings["backup_dir"], sets)),
         )
-        volumes = {"local": settings["backup_dir"]}
-        if settings["external_drive"] and os.path.ismount(settings["external_drive"]):
-            volumes["external"] = settings["external_drive"]
-        metrics.record_volumes(folder, volumes)
-        if kind != "logical":
-            metrics.record_recovery_window(folder, wal.describe(settings["backup_dir"], sets))
-    except (OSError, PgBackupError) as error:
+
+
+def _logged(doing: str, step):
+    """step()'s result, or None with an error in the log: metrics never fail a run."""
+    try:
+        return step()
+    except Exception as error:  # whatever it was, the run's own result stands
         text = error.strerror if isinstance(error, OSError) and error.strerror else error
-        log.error("could not write the metrics in %s: %s", folder, text)
+        log.error("%s failed: %s", doing, text)
+        return None
 
 
 def _wal_steps(settings: dict, outcome: dict) -> tuple[int, str]:
