@@ -86,6 +86,7 @@ def playbook(path, *extra, limit=None, timeout=900, variables=None) -> Done:
             "ANSIBLE_NOCOLOR": "1",
             # Each task's time, for the tests that report where a restore spends it.
             "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
+            "PROFILE_TASKS_TASK_OUTPUT_LIMIT": "all",
         },
     )
     return Done(completed)
