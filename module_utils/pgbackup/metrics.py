@@ -147,9 +147,6 @@ class MetricsFile:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        for legacy in LEGACY_FILES:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.folder, legacy))
 
 
 def _number(value: float) -> str:
@@ -174,6 +171,10 @@ def record_run(
     with MetricsFile(folder, kind).locked() as metrics:
         _record_run(metrics, kind, now, status, duration, repositories, set_bytes, sets, extra)
         metrics.write()
+    if kind == "logical":
+        for legacy in LEGACY_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, legacy))
     return metrics
 
 

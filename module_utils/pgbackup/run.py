@@ -331,7 +331,7 @@ def scheduled_run(settings: dict, kind: str, summary: dict | None = None) -> int
     summary = {} if summary is None else summary
     started = time.monotonic()
     # What the steps did: the set, its size, and each repository's result.
-    outcome = {"set_bytes": 0, "offsite_ok": False, "set": None, "repositories": {}}
+    outcome = {"set_bytes": 0, "set": None, "repositories": {}}
     # The WAL copy runs every few minutes: it must not wait behind a night's backup.
     lock_file = (
         os.path.join(settings["backup_dir"], WAL_LOCK_NAME) if kind == "wal" else settings["lock_file"]
@@ -364,7 +364,7 @@ def scheduled_run(settings: dict, kind: str, summary: dict | None = None) -> int
         set=outcome["set"],
         name=os.path.basename(outcome["set"]) if outcome["set"] else None,
         encrypted_bytes=outcome["set_bytes"],
-        offsite_copied=outcome["offsite_ok"],
+        offsite_copied=outcome["repositories"].get("offsite") == STATUS_OK,
         duration_seconds=round(time.monotonic() - started, 1),
     )
     return EXIT_FAILED if status == STATUS_FAILED else EXIT_OK
@@ -436,13 +436,12 @@ def _wal_steps(settings: dict, outcome: dict) -> tuple[int, str]:
         return STATUS_OK, "WAL run: nothing archived on this node"
     if not settings["offsite"]["target"]:
         return STATUS_OK, f"WAL run: {outcome['wal_files']} files archived locally; no off-site target"
-    outcome["repositories"]["offsite"] = metrics.STATUS_FAILED
+    outcome["repositories"]["offsite"] = STATUS_FAILED
     try:
         copy_wal_offsite(settings)
     except PgBackupError as error:
         return STATUS_FAILED, f"{error}; the local archive is untouched"
-    outcome["offsite_ok"] = True
-    outcome["repositories"]["offsite"] = metrics.STATUS_OK
+    outcome["repositories"]["offsite"] = STATUS_OK
     outcome["wal_offsite_through"] = outcome["wal_newest"]
     return STATUS_OK, (
         "WAL archive copied off-site through "
@@ -603,7 +602,7 @@ def _steps(settings: dict, kind: str, outcome: dict) -> tuple[int, str]:
             return STATUS_SKIPPED, not_my_turn
     except PgBackupError as error:
         return STATUS_FAILED, str(error)
-    outcome["repositories"]["local"] = metrics.STATUS_FAILED
+    outcome["repositories"]["local"] = STATUS_FAILED
     try:
         recipients = crypto.load_recipients([settings["recipients"]])
         record = _make_set(settings, kind, recipients)
@@ -616,7 +615,7 @@ def _steps(settings: dict, kind: str, outcome: dict) -> tuple[int, str]:
         report = restore.verify_set(set_path)
     except PgBackupError as error:
         return STATUS_FAILED, f"verify FAILED for {set_path}: {error}"
-    outcome["repositories"]["local"] = metrics.STATUS_OK
+    outcome["repositories"]["local"] = STATUS_OK
     log.info(
         "verify passed: %s: OK (%d files, %d bytes; structure, sizes and hashes: no private key here)",
         set_path,
@@ -693,20 +692,19 @@ def _prune_wal(settings: dict, kind: str, _set_path: str, _outcome: dict):
 
 def _offsite(settings: dict, _kind: str, set_path: str, outcome: dict):
     if settings["offsite"]["target"]:
-        outcome["repositories"]["offsite"] = metrics.STATUS_FAILED
+        outcome["repositories"]["offsite"] = STATUS_FAILED
         try:
             copy_offsite(settings, set_path)
         except PgBackupError as error:
             raise PgBackupError(f"{error}; local sets are kept") from None
-        outcome["offsite_ok"] = True
-        outcome["repositories"]["offsite"] = metrics.STATUS_OK
+        outcome["repositories"]["offsite"] = STATUS_OK
 
 
 def _drive(settings: dict, _kind: str, _set_path: str, outcome: dict):
     if settings["external_drive"]:
-        outcome["repositories"]["external"] = metrics.STATUS_FAILED
+        outcome["repositories"]["external"] = STATUS_FAILED
         copied = copy_to_drive(settings)
-        outcome["repositories"]["external"] = metrics.STATUS_OK if copied else metrics.STATUS_SKIPPED
+        outcome["repositories"]["external"] = STATUS_OK if copied else STATUS_SKIPPED
 
 
 def record_drill(settings_path: str, result: str, rto_seconds, rpo_seconds) -> metrics.MetricsFile:
