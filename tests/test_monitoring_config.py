@@ -88,7 +88,7 @@ def runbook_anchors() -> set[str]:
 def test_every_alert_has_a_severity_a_summary_and_a_runbook_section():
     anchors = runbook_anchors()
     alerts = [rule for group in rendered_rules()["groups"] for rule in group["rules"] if "alert" in rule]
-    assert len(alerts) == 16
+    assert len(alerts) == 17
     for rule in alerts:
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
         assert rule["annotations"]["summary"], rule["alert"]
