@@ -57,7 +57,7 @@ def run(args) -> dict:
     conf = os.path.join(out, "pgbackrest.conf")
     cluster = start_bench_cluster(
         work,
-        args.scale,
+        args.scale[0],
         settings={
             "archive_mode": "on",
             "archive_command": f"'pgbackrest --config={conf} --stanza={STANZA} archive-push %p'",
@@ -164,7 +164,7 @@ def run(args) -> dict:
         / results["pgbackrest_restore"]["wall_s"],
         "pgbackup backup / C pipeline": results["pgbackup"]["wall_s"] / results["c_pipeline"]["wall_s"],
     }
-    return run_record(args, data_directory_bytes=data_bytes, results=results, ratios=ratios)
+    return run_record(args.scale[0], data_directory_bytes=data_bytes, results=results, ratios=ratios)
 
 
 def report(data: dict):

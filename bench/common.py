@@ -109,12 +109,24 @@ def machine() -> dict:
     }
 
 
-def parse_arguments(description: str) -> argparse.Namespace:
-    """The options every benchmark takes; sets REPEAT from --repeat."""
+def _scales(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+def parse_arguments(description: str, add_options=None) -> argparse.Namespace:
+    """The options every benchmark takes, and a benchmark's own (add_options(parser));
+    sets REPEAT from --repeat."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scale", type=float, default=1.0, help="1.0 is about 1.5 GB of dump data")
+    if add_options is not None:
+        add_options(parser)
+    parser.add_argument(
+        "--scale",
+        type=_scales,
+        default=[1.0],
+        help="1.0 is about 1.5 GB of dump data; several, comma-separated, run one after another",
+    )
     parser.add_argument("--workdir", default="/var/tmp/pgbackup-bench", help="cluster and scratch space")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each case; the median is reported")
     args = parser.parse_args()
@@ -123,12 +135,12 @@ def parse_arguments(description: str) -> argparse.Namespace:
     return args
 
 
-def run_record(args: argparse.Namespace, **figures) -> dict:
+def run_record(scale: float, **figures) -> dict:
     """What a run saves: when, on which machine, at which scale, and its figures."""
     return {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
-        "scale": args.scale,
+        "scale": scale,
         **figures,
     }
 

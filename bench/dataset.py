@@ -90,7 +90,8 @@ def row_counts(dbname: str) -> dict:
 def start_bench_cluster(workdir: str, scale: float, settings: dict | None = None) -> TempCluster:
     """Start the benchmark cluster, generating its data first if this scale is new."""
     os.makedirs(workdir, exist_ok=True)
-    cluster_dir = os.path.join(workdir, "cluster")
+    # One cluster per scale, kept: a run over several scales generates each once.
+    cluster_dir = os.path.join(workdir, f"cluster-{scale:g}")
     marker = os.path.join(cluster_dir, f"generated-v{GENERATOR_VERSION}-scale-{scale}")
     if not os.path.exists(marker) and os.path.exists(cluster_dir):
         shutil.rmtree(cluster_dir)

@@ -275,7 +275,7 @@ def run(args) -> dict:
         "pitr: pgbackup / pgBackRest async": results["pgbackup_pitr"]["wall_s"]
         / results["pgbackrest_pitr_async"]["wall_s"],
     }
-    return run_record(args, results=results, ratios=ratios, **figures)
+    return run_record(args.scale, results=results, ratios=ratios, **figures)
 
 
 def push_benchmark(fake, repo, dest, confs, key_file, segments: int, out) -> dict:

@@ -51,9 +51,6 @@ options:
     description: Replace an existing non-empty database; the current one is kept under a new name.
     type: bool
     default: false
-  staging_dir:
-    description: Where to decrypt before restoring. Defaults to the folder holding the set.
-    type: path
   login_host:
     description: Server host (C(PGHOST)).
     type: str
@@ -159,7 +156,6 @@ def main():
         "jobs": {"type": "int", "default": 1},
         "globals": {"type": "bool", "default": False},
         "force": {"type": "bool", "default": False},
-        "staging_dir": {"type": "path"},
     }
     module = AnsibleModule(
         argument_spec=argument_spec,
@@ -182,7 +178,6 @@ def main():
             **selection,
             jobs=params["jobs"],
             include_globals=params["globals"],
-            staging_dir=params["staging_dir"],
         )
     except PgBackupError as error:
         module.fail_json(msg=str(error))

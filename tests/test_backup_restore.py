@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
 
 import pytest
 from conftest import ROOT, connect, fingerprint, query, run_cli, seed_rich_database
-from pgbackup import backup, crypto, manifest, restore, retention
+from pgbackup import backup, crypto, manifest, pgarchive, restore, retention
 from pgbackup.errors import CorruptError, PgBackupError, RefusedError, WrongKeyError
 
 
@@ -230,9 +232,9 @@ def _keep_only_the_header(path):
         (_flip(30), "corrupted header"),
         (_flip(200), "chunk 0 failed authentication"),
         (_flip(-1), "failed authentication"),
-        (_truncate(-1), "truncated inside chunk"),
+        (_truncate(-1), "truncated, or replaced by another file"),
         (_truncate(0), "is empty"),
-        (_keep_only_the_header, "without the final-chunk marker"),
+        (_keep_only_the_header, "truncated, or replaced by another file"),
     ],
     ids=["header-bit", "body-bit", "tag-bit", "truncated-mid-chunk", "emptied", "header-only"],
 )
@@ -349,13 +351,122 @@ def test_full_disk_fails_clearly_and_keeps_earlier_sets(rich_db, key, tiny_disk,
     restore.verify_set(small["path"], key)
 
 
-def test_restore_without_staging_space_fails_before_touching_anything(rich_set, key, tiny_disk):
+def _resealed(path, recipients, edit):
+    """The set's manifest edited by edit(record) and sealed again, as its writer would."""
+    manifest_path = os.path.join(path, manifest.MANIFEST_NAME)
+    with open(manifest_path) as handle:
+        record = json.load(handle)
+    edit(record)
+    for field in ("seal", "mac"):
+        record.pop(field)
+    with open(manifest_path, "w") as handle:
+        json.dump(manifest.seal(record, recipients), handle)
+
+
+def test_restore_is_refused_when_the_server_lacks_the_space(rich_set, key, recipients):
+    """The database at backup time was larger than the server's free space: refused
+    before any database is created, naming both figures."""
     rich_db, path = rich_set
-    with pytest.raises(PgBackupError, match="not enough free space"):
-        restore.restore_set(
-            path, key, databases=[rich_db], target_db=rich_db + "_y", staging_dir=str(tiny_disk)
-        )
+
+    def too_large(record):
+        record["databases"][0]["size_bytes"] = 1 << 60
+
+    _resealed(path, recipients, too_large)
+    with pytest.raises(RefusedError, match=r"not enough free space in .* need 1152921504606846976 bytes"):
+        restore.restore_set(path, key, databases=[rich_db], target_db=rich_db + "_y")
     assert databases_named(rich_db + "_y") == []
+    assert databases_named("pgbackup_restore_") == []
+
+
+@pytest.mark.parametrize("dump_format", ["custom", "directory"])
+def test_a_failure_in_the_last_chunk_of_the_last_table_leaves_the_target_untouched(
+    rich_db, key, tmp_path, recipients, dump_format
+):
+    """The largest table's file (loaded last to finish) fails in its final chunk, after
+    its rows went into the scratch database: the scratch database is dropped and the
+    database restored over (with --force) is as it was."""
+    jobs = 2 if dump_format == "directory" else 1
+    path = backup.create_backup_set(
+        str(tmp_path / "b"), recipients, databases=[rich_db], dump_format=dump_format, jobs=jobs
+    )["path"]
+    record = json.load(open(os.path.join(path, manifest.MANIFEST_NAME)))
+    files = record["databases"][0]["files"]
+    largest = max(files, key=lambda entry: entry["plaintext_size"])
+    target = os.path.join(path, largest["path"])
+    with open(target, "r+b") as handle:
+        handle.seek(-1, os.SEEK_END)
+        last = handle.read(1)
+        handle.seek(-1, os.SEEK_END)
+        handle.write(bytes([last[0] ^ 0x01]))
+    before = fingerprint(rich_db)
+    with pytest.raises(CorruptError, match=r"chunk \d+ failed authentication"):
+        restore.restore_set(path, key, databases=[rich_db], force=True, jobs=2)
+    assert fingerprint(rich_db) == before
+    assert databases_named("pgbackup_restore_") == []
+    assert databases_named(rich_db + "_pre_restore_") == []
+
+
+def test_a_custom_archive_of_a_version_it_does_not_know_loads_as_one_stream(
+    rich_set, key, monkeypatch, caplog
+):
+    """A newer pg_dump's archive: pgbackup cannot share its tables out, and pg_restore
+    loads it whole from the stream."""
+    rich_db, path = rich_set
+    monkeypatch.setattr(pgarchive, "NEWEST_VERSION", (1, 13, 0))
+    with caplog.at_level("WARNING", logger="pgbackup"):
+        restore.restore_set(path, key, databases=[rich_db], target_db=rich_db + "_stream", jobs=2)
+    assert "loading it with one pg_restore reading the whole stream" in caplog.text
+    assert fingerprint(rich_db + "_stream") == fingerprint(rich_db)
+
+
+@pytest.mark.parametrize("dump_format", ["custom", "directory"])
+def test_a_restore_writes_no_plaintext_file(rich_db, key_file, tmp_path, recipients, dump_format):
+    """While the CLI restores, no regular file appears in its temporary folder or beside
+    the set but pg_restore's lists of entry numbers and the files keeping its error
+    messages: the dump goes through pipes."""
+    jobs = 2 if dump_format == "directory" else 1
+    path = backup.create_backup_set(
+        str(tmp_path / "b"), recipients, databases=[rich_db], dump_format=dump_format, jobs=jobs
+    )["path"]
+    scratch_tmp = tmp_path / "tmp"
+    scratch_tmp.mkdir()
+    watched = [str(scratch_tmp), os.path.dirname(path)]
+
+    def regular_files() -> dict[str, int]:
+        found = {}
+        for folder in watched:
+            for parent, _dirs, names in os.walk(folder):
+                for name in names:
+                    with contextlib.suppress(FileNotFoundError):
+                        status = os.lstat(os.path.join(parent, name))
+                        if stat.S_ISREG(status.st_mode):
+                            found[os.path.join(parent, name)] = status.st_size
+        return found
+
+    before = regular_files()
+    argv = ["restore", path, "--key-file", key_file, "--database", rich_db, "--target-db", rich_db + "_piped"]
+    restoring = subprocess.Popen(
+        [sys.executable, "-m", "pgbackup", *argv, "--jobs", "2"],
+        env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "module_utils"), "TMPDIR": str(scratch_tmp)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen: dict[str, int] = {}
+    deadline = time.monotonic() + 120
+    while restoring.poll() is None and time.monotonic() < deadline:
+        for name, size in regular_files().items():
+            if name not in before:
+                shown = os.path.relpath(name, tmp_path)
+                seen[shown] = max(size, seen.get(shown, 0))
+        time.sleep(0.005)
+    assert restoring.wait(timeout=5) == 0, restoring.stderr.read()
+    assert fingerprint(rich_db + "_piped") == fingerprint(rich_db)
+    assert seen, "the watch saw none of the restore's files: it cannot have looked"
+    # Python's check that the temporary folder is writable writes 4 bytes ("blat").
+    assert all(
+        os.path.basename(name) == "list" or os.path.basename(name).startswith("pgbackup-stderr-") or size <= 4
+        for name, size in seen.items()
+    ), seen
 
 
 def test_dead_server_fails_with_a_clear_message(recipient_file, tmp_path):

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,7 +21,6 @@ import pytest
 from conftest import ROOT, connect, query, run_cli
 from pgbackup import backup, manifest, pg, physical, restore, retention
 from pgbackup.errors import CorruptError, PgBackupError, RefusedError
-from pgbackup.fsutil import hold
 from pgbackup.sets import SetWriter
 
 
@@ -322,53 +319,31 @@ def test_pg_dumpall_failure_reaches_the_user_in_its_own_words(cluster, recipient
 # ---- plaintext left by killed runs -----------------------------------------------------
 
 
-def test_staging_of_a_killed_restore_is_removed_by_the_next_run(cluster, small_set, key_file, tmp_path):
-    """A restore killed with SIGKILL leaves its plaintext staging; the next restore (or
-    prune) removes it once no process holds it, and never one that a restore holds."""
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    argv = ["restore", small_set["path"], "--key-file", key_file, "--database", "postgres"]
-    argv += ["--target-db", "never_restored", "--staging-dir", str(staging), "--globals"]
-    # Hold the postgres role's row: the restore stages, then waits in its globals step.
-    with psycopg.connect(dbname="postgres") as blocker:
-        blocker.execute("ALTER ROLE postgres CONNECTION LIMIT -1")
-        killed = subprocess.Popen(
-            [sys.executable, "-m", "pgbackup", *argv],
-            env=cli_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not query(
-            "postgres",
-            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'psql'",
-        ):
-            assert killed.poll() is None, killed.stderr.read()
-            time.sleep(0.05)
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()
-        blocker.rollback()
-    leftovers = [name for name in os.listdir(staging) if name.startswith(".restore-")]
-    assert len(leftovers) == 1, "the killed restore left no staging behind"
-    assert os.listdir(staging / leftovers[0]), "the staging held no plaintext"
-    # Still young: a running restore might own it, so it stays.
-    assert retention.remove_leftovers(str(staging)) == []
-    aged = time.time() - retention.LEFTOVER_GRACE_SECONDS - 1
-    os.utime(staging / leftovers[0], (aged, aged))
-    # One that a live restore holds stays too, however old.
-    held = staging / ".restore-held"
-    held.mkdir()
-    os.utime(held, (aged, aged))
-    with hold(str(held), exclusive=True, wait=False, what="a running restore"):
-        argv[argv.index("never_restored")] = "restored_after_kill"
-        result = run_cli("--verbose", *argv)
-        assert result.returncode == 0, result.stderr
-        assert (
-            f"removed {leftovers[0]}" in result.stderr
-            and "left by a restore that was killed" in result.stderr
-        )
-        assert sorted(os.listdir(staging)) == [".restore-held"]
-    query("postgres", 'DROP DATABASE IF EXISTS "restored_after_kill"')
+def test_scratch_database_of_a_killed_restore_is_dropped_by_the_next_one(cluster, small_set, key_file):
+    """A restore killed while loading leaves its scratch database (its plaintext went
+    through pipes only). The next restore drops it: its process is gone and no session
+    is in it. It keeps one whose process lives, and one a session is still in."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    abandoned, live, busy = (
+        f"pgbackup_restore_{gone.pid}_20260101T000000Z",
+        f"pgbackup_restore_{os.getpid()}_20260101T000000Z",
+        f"pgbackup_restore_{gone.pid}_20260102T000000Z",
+    )
+    for name in (abandoned, live, busy):
+        query("postgres", f'CREATE DATABASE "{name}"')
+    try:
+        with psycopg.connect(dbname=busy):
+            argv = ["restore", small_set["path"], "--key-file", key_file, "--database", "postgres"]
+            result = run_cli("--verbose", *argv, "--target-db", "restored_after_kill")
+            assert result.returncode == 0, result.stderr
+            assert f"dropped {abandoned}, left by a restore that was killed while loading" in result.stderr
+        names = [row[0] for row in query("postgres", "SELECT datname FROM pg_database")]
+        assert abandoned not in names
+        assert live in names and busy in names
+    finally:
+        for name in (abandoned, live, busy, "restored_after_kill"):
+            query("postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def cli_env():

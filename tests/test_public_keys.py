@@ -308,7 +308,7 @@ def test_a_directory_dump_file_name_that_climbs_out_of_staging_is_refused(recipi
 
     forged = forged_set(tmp_path / "b", recipients, edit)
     with pytest.raises(CorruptError, match="not a plain name"):
-        restore.restore_set(forged, key, databases=["x"], target_db="never_made", staging_dir=str(tmp_path))
+        restore.restore_set(forged, key, databases=["x"], target_db="never_made")
     assert not (tmp_path.parent / "escaped.txt").exists()
 
 

@@ -111,6 +111,8 @@ def create_backup_set(
         log.info("globals dumped: %d bytes", entry["size"])
         for index, database in enumerate(selected, start=1):
             stem = f"db-{index:03d}-{_safe_name(database['name'])}"
+            # Read before the dump, for a restore to share out its loading by size.
+            relation_bytes = pg.relation_sizes(database["name"])
             if dump_format == "custom":
                 files, _ = writer.stream_program(
                     [
@@ -125,7 +127,9 @@ def create_backup_set(
                 )
             else:
                 files = _dump_directory(database["name"], writer, stem, jobs, major)
-            record["databases"].append({**database, "format": dump_format, "files": files})
+            record["databases"].append(
+                {**database, "relation_bytes": relation_bytes, "format": dump_format, "files": files}
+            )
             log.info("database %s dumped: %d bytes", database["name"], sum(f["size"] for f in files))
 
     return build_set(dest, "logical", to, server, level, threads, fill)

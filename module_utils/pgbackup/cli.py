@@ -138,7 +138,6 @@ def cmd_restore(args):
         jobs=args.jobs,
         include_globals=args.globals,
         force=args.force,
-        staging_dir=args.staging_dir,
     )
     lines = [
         f"{item['database']} -> {item['target']}"
@@ -466,14 +465,18 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
     key_option(sub)
     sub.add_argument("--database", action="append", help="a database to restore (repeat); default: all")
     sub.add_argument("--target-db", help="restore the one --database under this name")
-    sub.add_argument("--jobs", type=_positive, default=1, help="parallel pg_restore jobs")
+    sub.add_argument(
+        "--jobs",
+        type=_positive,
+        default=1,
+        help="loaders side by side (pg_restore processes), and pg_restore --jobs for the indexes",
+    )
     sub.add_argument("--globals", action="store_true", help="restore roles and tablespaces first")
     sub.add_argument(
         "--force",
         action="store_true",
         help="replace an existing non-empty database (it is kept under a new name)",
     )
-    sub.add_argument("--staging-dir", help="where to decrypt before restoring (default: beside the set)")
     sub.add_argument("--json", action="store_true")
 
     sub = command("list", cmd_list, "list backup sets, newest first")

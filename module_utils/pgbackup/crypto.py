@@ -868,6 +868,51 @@ def as_key_ring(keys) -> KeyRing:
     return keys if isinstance(keys, KeyRing) else KeyRing([keys])
 
 
+class DecryptedReader:
+    """The plaintext of an encrypted stream, pulled with read(size); every chunk is
+    authenticated before its bytes are returned. Reading to the end is not enough to
+    trust the whole: finish() authenticates the final chunk and returns the stats."""
+
+    def __init__(self, source, keys, name: str = "stream", binding: str | None = None, check_header=None):
+        require_crypto_libraries()
+        self.name = name
+        self._chunks = _DecryptedChunks(source, as_key_ring(keys), name, binding, check_header)
+        if self._chunks.header.compression == COMPRESSION_ZSTD:
+            self._reader = zstandard.ZstdDecompressor().stream_reader(
+                self._chunks, read_size=self._chunks.header.chunk_bytes
+            )
+        else:
+            self._reader = io.BufferedReader(self._chunks, buffer_size=self._chunks.header.chunk_bytes)
+        self.plaintext_bytes = 0
+
+    def read(self, size: int) -> bytes:
+        """Up to size bytes; b"" at the end of the plaintext."""
+        try:
+            block = self._reader.read(size)
+        except zstandard.ZstdError as error:
+            raise CorruptError(f"{self.name}: the compressed payload is invalid ({error})") from None
+        self.plaintext_bytes += len(block)
+        return block
+
+    def finish(self) -> StreamStats:
+        """Check that the plaintext has ended with the encrypted stream's final chunk."""
+        if self.read(1):
+            raise CorruptError(f"{self.name}: there is more plaintext than the reader expected")
+        # Reading to the end authenticates the final chunk even when zstd stopped early.
+        if self._chunks.read(1) or not self._chunks.finished:
+            raise CorruptError(f"{self.name}: the compressed payload ends before the encrypted stream does")
+        return self._chunks.stats(self.plaintext_bytes)
+
+    def close(self):
+        self._chunks.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc):
+        self.close()
+
+
 def decrypt_stream(
     source,
     target,
@@ -882,30 +927,15 @@ def decrypt_stream(
     `check_header(header)` may refuse the header before anything is decrypted.
 
     Plaintext is written as it is authenticated: a caller that must not act on
-    unverified data writes to a staging file and uses it only once this returns.
+    unverified data holds back what it did with it until this returns.
     """
-    require_crypto_libraries()
-    chunks = _DecryptedChunks(source, as_key_ring(keys), name, binding, check_header)
-    plaintext_bytes = 0
-    if chunks.header.compression == COMPRESSION_ZSTD:
-        reader = zstandard.ZstdDecompressor().stream_reader(chunks, read_size=chunks.header.chunk_bytes)
-    else:
-        reader = io.BufferedReader(chunks, buffer_size=chunks.header.chunk_bytes)
-    try:
+    with DecryptedReader(source, keys, name, binding, check_header) as reader:
         while True:
             block = reader.read(read_bytes)
             if not block:
                 break
-            plaintext_bytes += len(block)
             target.write(block)
-        # Reading to the end authenticates the final chunk even when zstd stopped early.
-        if chunks.read(1) or not chunks.finished:
-            raise CorruptError(f"{name}: the compressed payload ends before the encrypted stream does")
-    except zstandard.ZstdError as error:
-        raise CorruptError(f"{name}: the compressed payload is invalid ({error})") from None
-    finally:
-        chunks.close()
-    return chunks.stats(plaintext_bytes)
+        return reader.finish()
 
 
 def encrypt_stream(

@@ -11,8 +11,10 @@ import contextlib
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 
 from .errors import PgBackupError
@@ -138,16 +140,50 @@ def server_info(conn) -> dict:
 
 
 def list_databases(conn) -> list[dict]:
-    """Databases a backup covers: every one that accepts connections, but templates."""
+    """Databases a backup covers: every one that accepts connections, but templates,
+    with their size where this role may connect (what a restore needs on disk)."""
     rows = conn.execute(
         "SELECT d.datname, pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding),"
-        " d.datcollate, d.datctype FROM pg_database d"
-        " WHERE d.datallowconn AND NOT d.datistemplate ORDER BY d.datname"
+        " d.datcollate, d.datctype,"
+        " CASE WHEN has_database_privilege(d.oid, 'CONNECT') THEN pg_database_size(d.oid) END"
+        " FROM pg_database d WHERE d.datallowconn AND NOT d.datistemplate ORDER BY d.datname"
     ).fetchall()
     return [
-        {"name": name, "owner": owner, "encoding": encoding, "collate": collate, "ctype": ctype}
-        for name, owner, encoding, collate, ctype in rows
+        {
+            "name": name,
+            "owner": owner,
+            "encoding": encoding,
+            "collate": collate,
+            "ctype": ctype,
+            "size_bytes": size,
+        }
+        for name, owner, encoding, collate, ctype, size in rows
     ]
+
+
+# Tables below this size are left out of a set's list of sizes: they weigh nothing in
+# how a restore shares out the loading, and a schema may have thousands of them.
+RELATION_SIZE_FLOOR = 1 << 20
+RELATION_SIZE_LIMIT = 10_000
+
+
+def relation_sizes(dbname: str) -> dict[str, int]:
+    """The largest tables' sizes by oid: what a restore shares out among its loaders."""
+    with connect(dbname) as conn:
+        rows = conn.execute(
+            "SELECT c.oid::text, pg_table_size(c.oid) AS size FROM pg_class c"
+            " WHERE c.relkind IN ('r', 'm') AND pg_table_size(c.oid) >= %s"
+            " ORDER BY size DESC LIMIT %s",
+            (RELATION_SIZE_FLOOR, RELATION_SIZE_LIMIT),
+        ).fetchall()
+    return dict(rows)
+
+
+def data_directory(conn) -> str | None:
+    """The server's data directory, if this role may see it (superuser or
+    pg_read_all_settings); None otherwise."""
+    row = conn.execute("SELECT setting FROM pg_settings WHERE name = 'data_directory'").fetchone()
+    return row[0] if row else None
 
 
 def database_exists(conn, name: str) -> bool:
@@ -215,13 +251,14 @@ def create_database(conn, name: str, like: dict):
     _admin(conn, statement, f"creating database {name!r}")
 
 
-def drop_database(conn, name: str):
+def drop_database(conn, name: str, force: bool = False):
+    """force: end the sessions still in it first (PostgreSQL 13 and later), for a
+    scratch database whose loaders were just killed."""
     sql = driver().sql
-    _admin(
-        conn,
-        sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)),
-        f"dropping database {name!r}",
-    )
+    statement = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
+    if force:
+        statement = statement + sql.SQL(" WITH (FORCE)")
+    _admin(conn, statement, f"dropping database {name!r}")
 
 
 def rename_database(conn, old: str, new: str):
@@ -248,29 +285,37 @@ class ToolRun:
     message always reaches the operator.
     """
 
-    def __init__(self, argv: list[str], stdout=None, stdin=subprocess.DEVNULL):
+    def __init__(self, argv: list[str], stdout=None, stdin=subprocess.DEVNULL, new_session: bool = False):
+        """new_session: the program and any processes it forks (pg_restore --jobs)
+        form a process group of their own, which kill() ends as a whole."""
         self.argv = argv
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
+        # Unnamed where the filesystem allows (O_TMPFILE); the prefix names it otherwise.
+        self._stderr = tempfile.TemporaryFile(prefix="pgbackup-stderr-")  # noqa: SIM115 - lives as long as the process
         self._stderr_text: str | None = None
+        self._stderr_lock = threading.Lock()
+        self._group = new_session
         try:
-            self.process = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=self._stderr)
+            self.process = subprocess.Popen(
+                argv, stdin=stdin, stdout=stdout, stderr=self._stderr, start_new_session=new_session
+            )
         except OSError as error:
             self._stderr.close()
             raise PgBackupError(f"cannot start {argv[0]}: {error.strerror}") from None
         for pipe in (self.process.stdin, self.process.stdout):
             if pipe is not None:
-                _widen_pipe(pipe)
+                widen_pipe(pipe)
 
     def stderr_text(self) -> str:
         """What the program wrote to stderr; final once the program has ended."""
-        if self._stderr_text is not None:
-            return self._stderr_text
-        self._stderr.seek(0)
-        text = self._stderr.read().decode("utf-8", "replace")
-        if self.process.poll() is not None:
-            self._stderr_text = text
-            self._stderr.close()
-        return text
+        with self._stderr_lock:  # a loader's failure may be read by two threads at once
+            if self._stderr_text is not None:
+                return self._stderr_text
+            self._stderr.seek(0)
+            text = self._stderr.read().decode("utf-8", "replace")
+            if self.process.poll() is not None:
+                self._stderr_text = text
+                self._stderr.close()
+            return text
 
     def finish(self, what: str) -> str:
         """Wait for the program; raise with its own error line if it failed."""
@@ -303,13 +348,17 @@ class ToolRun:
             if pipe is not None and not pipe.closed:
                 with contextlib.suppress(OSError):
                     pipe.close()
+        if self._group:
+            # The leader may have ended already while its workers still run.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         if self.process.poll() is None:
             self.process.kill()
-            self.process.wait()
+        self.process.wait()
         self.stderr_text()
 
 
-def _widen_pipe(pipe):
+def widen_pipe(pipe):
     """Give a pipe 1 MiB instead of 64 KiB: far fewer wake-ups between the program and
     us when gigabytes go through it (half the system time of a base backup restore)."""
     with contextlib.suppress(OSError):  # an older kernel or a lower pipe-max-size

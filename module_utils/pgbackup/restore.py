@@ -1,37 +1,36 @@
 """Verify a backup set, and restore it without ever losing what is there.
 
-Restore is verify-then-write: every file it needs is decrypted and authenticated
-into a private staging folder first, and the server is touched only after all of
-them checked out. Each database is restored into a scratch database and renamed
-into place at the end, so a failed restore leaves the target as it was; an
-existing non-empty target is replaced only with --force, and is then kept under a
-new name rather than dropped.
+Nothing unverified ever becomes the live database. Each database is loaded into a
+scratch database straight from the decrypting pipes (load.py: no plaintext on disk,
+every chunk authenticated before pg_restore reads it) and renamed into place only
+once every file of its dump checked out whole; any failure drops the scratch
+database and leaves the target as it was. An existing non-empty target is replaced
+only with --force, and is then kept under a new name rather than dropped. Globals
+are checked whole in memory before psql runs them.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
-import tempfile
+import subprocess
+import threading
 
-from . import manifest, pg
-from .crypto import VERSION_PUBLIC_KEY, KeyRing, check_structure, decrypt_stream
+from . import manifest, pg, pgarchive
+from .crypto import VERSION_PUBLIC_KEY, DecryptedReader, KeyRing, check_binding, check_structure, read_header
 from .errors import CorruptError, PgBackupError, RefusedError
-from .fsutil import (
-    check_set_folder,
-    describe_os_error,
-    hold,
-    open_no_follow,
-    remove_tree,
-    require_free_space,
-    require_owner,
-)
-from .retention import remove_leftovers, scan
+from .fsutil import check_set_folder, hold, open_no_follow, require_free_space
+from .load import load_database
+from .retention import scan
 
 log = logging.getLogger("pgbackup")
 
 _IDENTIFIER_BYTES = 63
+# What a restore loads into: pgbackup_restore_<pid>_<UTC time>, renamed when done.
+SCRATCH_PREFIX = "pgbackup_restore_"
+SCRATCH_NAME = re.compile(rf"^{SCRATCH_PREFIX}(\d+)_\d{{8}}T\d{{6}}Z$")
 # A database replaced with --force is kept as <name>_pre_restore_<UTC time>.
 KEPT_MARK = "_pre_restore_"
 KEPT_NAME = re.compile(rf"{KEPT_MARK}(\d{{8}}T\d{{6}}Z)$")
@@ -79,20 +78,60 @@ def _header_of_the_set(path: str, record: dict):
     return check
 
 
+class CheckedFile:
+    """One file of a set, decrypted as it is read; finish() authenticates its end and
+    checks its size and SHA-256 against the manifest."""
+
+    def __init__(self, set_path: str, entry: dict, keys: KeyRing, record: dict):
+        self.path, self._source = _open_listed(set_path, entry)
+        self._entry = entry
+        try:
+            self._reader = DecryptedReader(
+                self._source,
+                keys,
+                name=self.path,
+                binding=manifest.binding(set_path, entry),
+                check_header=_header_of_the_set(self.path, record),
+            )
+        except BaseException:
+            self._source.close()
+            raise
+
+    def read(self, size: int) -> bytes:
+        return self._reader.read(size)
+
+    def blocks(self, size: int = 1 << 20):
+        return iter(lambda: self._reader.read(size), b"")
+
+    def finish(self) -> int:
+        stats = self._reader.finish()
+        _check_against_manifest(self.path, stats, self._entry)
+        return stats.plaintext_bytes
+
+    def close(self):
+        self._reader.close()
+        self._source.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc):
+        self.close()
+
+
 def decrypt_checked(set_path: str, entry: dict, keys: KeyRing, target, record: dict) -> int:
     """Decrypt one file of the set into target and check it against the manifest."""
-    path, source = _open_listed(set_path, entry)
-    with source:
-        stats = decrypt_stream(
-            source,
-            target,
-            keys,
-            name=path,
-            binding=manifest.binding(set_path, entry),
-            check_header=_header_of_the_set(path, record),
-        )
-    _check_against_manifest(path, stats, entry)
-    return stats.plaintext_bytes
+    with CheckedFile(set_path, entry, keys, record) as plain:
+        for block in plain.blocks():
+            target.write(block)
+        return plain.finish()
+
+
+def read_checked(set_path: str, entry: dict, keys: KeyRing, record: dict) -> bytes:
+    """A small file of the set (globals, a TOC), whole and checked, in memory."""
+    target = io.BytesIO()
+    decrypt_checked(set_path, entry, keys, target, record)
+    return target.getvalue()
 
 
 def check_file_structure(set_path: str, entry: dict, record: dict):
@@ -217,34 +256,167 @@ def _preflight(targets: list[tuple[dict, str]], force: bool) -> dict[str, str]:
     return fates
 
 
-def _stage(
-    set_path: str, record: dict, keys: KeyRing, staging: str, databases: list[dict], include_globals: bool
-) -> dict:
-    """Decrypt what the restore needs into staging; returns the staged paths."""
-    staged = {}
-    jobs = [(record["globals"], os.path.join(staging, "globals.sql"))] if include_globals else []
-    for database in databases:
-        if database["format"] == "directory":
-            folder = os.path.join(staging, os.path.dirname(database["files"][0]["path"]))
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            staged[database["name"]] = folder
-            jobs += [(entry, os.path.join(folder, entry["name"])) for entry in database["files"]]
-        else:
-            staged[database["name"]] = os.path.join(staging, database["files"][0]["path"])
-            jobs.append((database["files"][0], staged[database["name"]]))
-    for entry, path in jobs:
+class DumpFiles:
+    """One database's files in a set, as the loader (load.py) reads them: the table of
+    contents, each data entry's plaintext for its pipe, and a record of which files
+    have been checked whole, so that none is left unchecked before the swap."""
+
+    def __init__(self, set_path: str, record: dict, database: dict, keys: KeyRing):
+        self.set_path = set_path
+        self.record = record
+        self.keys = keys
+        self.name = database["name"]
+        self.is_directory = database["format"] == "directory"
+        self._files = {entry.get("name", entry["path"]): entry for entry in database["files"]}
+        self._sizes = database.get("relation_bytes", {})
+        self._checked: set[str] = set()
+        self._lock = threading.Lock()
+        self._blob_files: dict[int, list[tuple[str, str]]] = {}
+        self._blob_tocs: dict[int, bytes] = {}
+        self._require_listed_sizes()
+
+    def _require_listed_sizes(self):
+        """Refuse a file moved from elsewhere, truncated or replaced before anything is
+        loaded: its header and size are known up front, its hash only at its end."""
+        for entry in self._files.values():
+            path, source = _open_listed(self.set_path, entry)
+            with source:
+                header = read_header(source.read, path)
+                check_binding(header, manifest.binding(self.set_path, entry), path)
+                _header_of_the_set(path, self.record)(header)
+                size = os.fstat(source.fileno()).st_size
+            if size != entry["size"]:
+                raise CorruptError(
+                    f"{path} does not match the manifest: it is {size} bytes, the manifest says "
+                    f"{entry['size']} (truncated, or replaced by another file); nothing was restored"
+                )
+
+    def _entry(self, file_name: str) -> dict:
         try:
-            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as target:
-                decrypt_checked(set_path, entry, keys, target, record)
-        except OSError as error:
-            raise describe_os_error(error, f"staging {entry['path']} in {staging}") from None
-    if include_globals:
-        staged[None] = os.path.join(staging, "globals.sql")
-    return staged
+            return self._files[file_name]
+        except KeyError:
+            raise CorruptError(
+                f"the dump of {self.name!r} in {self.set_path} names {file_name} in its table of contents, "
+                "and the set has no such file"
+            ) from None
+
+    def _mark_checked(self, file_name: str):
+        with self._lock:
+            self._checked.add(file_name)
+
+    def _read_whole(self, file_name: str) -> bytes:
+        data = read_checked(self.set_path, self._entry(file_name), self.keys, self.record)
+        self._mark_checked(file_name)
+        return data
+
+    def table_of_contents(self) -> tuple[pgarchive.Archive, bytes]:
+        """The archive's entries, and its TOC as a directory archive's toc.dat."""
+        if self.is_directory:
+            toc = self._read_whole("toc.dat")
+            return pgarchive.read_archive(io.BytesIO(toc).read, f"{self.name}/toc.dat"), toc
+        (entry,) = self._files.values()
+        with CheckedFile(self.set_path, entry, self.keys, self.record) as plain:
+            archive = pgarchive.read_archive(plain.read, plain.path)
+        return archive, pgarchive.directory_toc(archive)
+
+    def size_of(self, entry: pgarchive.Entry) -> int:
+        """What loading an entry's data costs, roughly: its plaintext size in a
+        directory set, the table's size at backup time as the manifest has it in a
+        custom one (0 when unknown or small)."""
+        if self.is_directory:
+            names = [name for name, _ in self._blobs(entry)] if entry.desc == "BLOBS" else [entry.file_name]
+            return sum(self._files[name]["plaintext_size"] for name in names if name in self._files)
+        size = self._sizes.get(entry.catalog[1], 0) if isinstance(self._sizes, dict) else 0
+        return size if isinstance(size, int) else 0
+
+    def _blobs(self, entry: pgarchive.Entry) -> list[tuple[str, str]]:
+        """(oid, file name) of each large object of a BLOBS entry, from its checked TOC."""
+        if entry.dump_id not in self._blob_files:
+            toc = self._read_whole(entry.file_name)
+            self._blob_tocs[entry.dump_id] = toc
+            lines = [line.split() for line in toc.decode("ascii", "replace").splitlines() if line.strip()]
+            if any(len(parts) != 2 or not parts[0].isdigit() or "/" in parts[1] for parts in lines):
+                raise CorruptError(
+                    f"{entry.file_name} of {self.name!r} in {self.set_path} is not a large object list"
+                )
+            self._blob_files[entry.dump_id] = [(oid, name) for oid, name in lines]
+        return self._blob_files[entry.dump_id]
+
+    def pipe_names(self, entry: pgarchive.Entry) -> list[str]:
+        """The files pg_restore opens for an entry of a directory archive."""
+        if not entry.has_data:
+            return []
+        if entry.desc == "BLOBS":
+            return [entry.file_name] + [name for _, name in self._blobs(entry)]
+        return [entry.file_name]
+
+    def _fill_from(self, file_name: str):
+        def fill(out):
+            with CheckedFile(self.set_path, self._entry(file_name), self.keys, self.record) as plain:
+                for block in plain.blocks():
+                    out.write(block)
+                # pg_restore sees the end of this file only once all of it checked out.
+                plain.finish()
+            self._mark_checked(file_name)
+
+        return fill
+
+    def feed_entry(self, entry: pgarchive.Entry, write):
+        """Feed an entry's files to pg_restore: write(file_name, fill) opens its pipe."""
+        if not entry.has_data:
+            return
+        if entry.desc != "BLOBS":
+            write(entry.file_name, self._fill_from(entry.file_name))
+            return
+        # pg_restore reads the list a line at a time, opening each object's file in
+        # between: the list goes through its pipe beside the objects', not before them.
+        toc = self._blob_tocs[entry.dump_id]
+        errors: list[BaseException] = []
+
+        def write_toc():
+            try:
+                write(entry.file_name, lambda out: out.write(toc))
+            except BaseException as error:
+                errors.append(error)
+
+        listing = threading.Thread(target=write_toc, name="pgbackup-feed-blobs", daemon=True)
+        listing.start()
+        try:
+            for _oid, name in self._blobs(entry):
+                write(name, self._fill_from(name))
+        finally:
+            listing.join()
+        if errors:
+            raise errors[0]
+
+    def feed_whole(self, target, stop: threading.Event):
+        """Stream a custom archive whole into target (a pg_restore's standard input);
+        when pg_restore has what it needs and ends, read on to check the whole file."""
+        (file_name,) = self._files
+        with CheckedFile(self.set_path, self._files[file_name], self.keys, self.record) as plain:
+            for block in plain.blocks():
+                if stop.is_set():
+                    return
+                if target is not None:
+                    try:
+                        target.write(block)
+                    except BrokenPipeError:
+                        target = None
+            plain.finish()
+        self._mark_checked(file_name)
+
+    def check_the_rest(self):
+        """Decrypt and check every file of the dump that no loader has read whole."""
+        for file_name, entry in self._files.items():
+            if file_name not in self._checked:
+                decrypt_checked(self.set_path, entry, self.keys, _Discard(), self.record)
+                self._mark_checked(file_name)
 
 
-def _restore_globals(path: str):
-    text = pg.run_tool(
+def _restore_globals(set_path: str, record: dict, keys: KeyRing):
+    """Roles and tablespaces, checked whole in memory first, then run by psql."""
+    script = read_checked(set_path, record["globals"], keys, record)
+    run = pg.ToolRun(
         [
             pg.tool("psql"),
             "--no-password",
@@ -253,10 +425,17 @@ def _restore_globals(path: str):
             "-v",
             "ON_ERROR_STOP=0",
             f"--dbname={pg.dbname_conninfo(pg.MAINTENANCE_DB)}",
-            f"--file={path}",
+            "--file=-",
         ],
-        "restoring the globals (roles, tablespaces)",
+        stdout=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
     )
+    try:
+        run.process.stdin.write(script)
+        run.process.stdin.close()
+    except BrokenPipeError:
+        pass
+    text = run.finish("restoring the globals (roles, tablespaces)")
     # Roles that exist already (the one we log in as, at least) are expected.
     errors = [line for line in text.splitlines() if "ERROR:" in line and "already exists" not in line]
     if errors:
@@ -288,6 +467,7 @@ def plan_restore(
     set_path = resolve_set(set_path)
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
         record, _selected, targets, fates = _plan(set_path, keys, databases, target_db, force)
+        _drop_abandoned_scratch()
     return {
         "set": set_path,
         "name": record["name"],
@@ -306,65 +486,85 @@ def restore_set(
     jobs: int = 1,
     include_globals: bool = False,
     force: bool = False,
-    staging_dir: str | None = None,
 ) -> dict:
     set_path = resolve_set(set_path)
     if jobs < 1:
         raise PgBackupError("--jobs must be at least 1")
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
-        record, selected, targets, fates = _plan(set_path, keys, databases, target_db, force)
-        staging_parent = staging_dir or os.path.dirname(set_path)
-        needed = sum(entry["plaintext_size"] for database in selected for entry in database["files"])
+        record, _selected, targets, fates = _plan(set_path, keys, databases, target_db, force)
+        _drop_abandoned_scratch()
+        # Every file's size is checked here, before anything is written anywhere.
+        dumps = [DumpFiles(set_path, record, database, keys) for database, _target in targets]
+        _require_server_space(targets)
         if include_globals:
-            needed += record["globals"]["plaintext_size"]
-        require_owner(staging_parent, "restore (its staging folder goes there)")
-        # Plaintext left by a restore that was killed goes before this one needs the space.
-        for leftover in remove_leftovers(staging_parent, (manifest.RESTORE_PREFIX,)):
-            log.warning("removed %s in %s, left by a restore that was killed", leftover, staging_parent)
-        require_free_space(staging_parent, needed, "to stage the restore (choose another --staging-dir)")
-        try:
-            staging = tempfile.mkdtemp(prefix=manifest.RESTORE_PREFIX, dir=staging_parent)
-            os.close(os.open(os.path.join(staging, manifest.STAGING_MARK), os.O_WRONLY | os.O_CREAT, 0o600))
-        except OSError as error:
-            raise describe_os_error(error, f"creating a staging folder in {staging_parent}") from None
-        try:
-            # Held for the whole restore: prune and later restores leave it alone, and
-            # remove it once nothing holds it (a restore killed with SIGKILL).
-            with hold(staging, exclusive=True, wait=False, what=f"restore staging {staging}"):
-                staged = _stage(set_path, record, keys, staging, selected, include_globals)
-                log.info("restore of %s: %d file set(s) verified and staged", set_path, len(staged))
-                if include_globals:
-                    _restore_globals(staged[None])
-                    log.info("globals restored")
-                results = [
-                    _restore_database(database, target, staged[database["name"]], fates[target], jobs)
-                    for database, target in targets
-                ]
-        finally:
-            remove_tree(staging)
+            _restore_globals(set_path, record, keys)
+            log.info("globals restored")
+        results = [
+            _restore_database(dump, database, target, fates[target], jobs)
+            for dump, (database, target) in zip(dumps, targets, strict=True)
+        ]
     return {"set": set_path, "name": record["name"], "globals": include_globals, "databases": results}
 
 
-def _restore_database(database: dict, target: str, staged_path: str, fate: str, jobs: int) -> dict:
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _drop_abandoned_scratch():
+    """Drop what restores killed mid-load left (SIGKILL, a host that went down): scratch
+    databases whose restore process is gone from this host and which no session is
+    in. A live restore's scratch database has its process, or is never without a
+    session for long; either keeps it."""
+    with pg.connect() as conn:
+        for database in pg.list_databases(conn):
+            match = SCRATCH_NAME.match(database["name"])
+            if not match or not _process_is_gone(int(match.group(1))):
+                continue
+            if pg.other_sessions(conn, database["name"]):
+                continue
+            pg.drop_database(conn, database["name"])
+            log.warning("dropped %s, left by a restore that was killed while loading", database["name"])
+
+
+def _require_server_space(targets: list[tuple[dict, str]]):
+    """Refuse before loading anything when the server's data directory cannot hold the
+    restored databases: each as large as it was at backup time (the manifest's
+    size_bytes), or as its dump's plaintext where an older set does not say. A
+    replaced database is kept, so it frees nothing. Checked where pgbackup runs on
+    the server's host and can see its data directory; elsewhere it says so and goes on."""
+    needed = sum(
+        database["size_bytes"]
+        if isinstance(database.get("size_bytes"), int)
+        else sum(entry["plaintext_size"] for entry in database["files"])
+        for database, _target in targets
+    )
+    with pg.connect() as conn:
+        data_directory = pg.data_directory(conn)
+    if not data_directory or not os.path.isdir(data_directory):
+        log.info("the server's data directory is not visible from here: its free space was not checked")
+        return
+    try:
+        require_free_space(data_directory, needed, "for the restored database(s)")
+    except PgBackupError as error:
+        raise RefusedError(f"{error}; nothing was restored") from None
+
+
+def _restore_database(dump: DumpFiles, database: dict, target: str, fate: str, jobs: int) -> dict:
     suffix = manifest.compact_time(manifest.utc_now())
-    scratch = _fit_identifier(f"pgbackup_restore_{os.getpid()}_", suffix)
+    scratch = _fit_identifier(f"{SCRATCH_PREFIX}{os.getpid()}_", suffix)
     with pg.connect() as conn:
         pg.create_database(conn, scratch, database)
     try:
-        pg.run_tool(
-            [
-                pg.tool("pg_restore"),
-                "--no-password",
-                "--exit-on-error",
-                f"--jobs={jobs}",
-                f"--dbname={pg.dbname_conninfo(scratch)}",
-                staged_path,
-            ],
-            f"pg_restore of database {database['name']!r}",
-        )
+        load_database(dump, scratch, jobs)
     except BaseException:
         with pg.connect() as conn:
-            pg.drop_database(conn, scratch)
+            pg.drop_database(conn, scratch, force=True)
         raise
     kept_as = None
     with pg.connect(pg.admin_db_for(target)) as conn:

@@ -1,0 +1,83 @@
+"""pg_dump archives read as restore reads them: against what pg_restore itself reads."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+
+import pytest
+from conftest import seed_rich_database
+from pgbackup import pgarchive
+from pgbackup.errors import CorruptError
+from pgcluster import PG_BIN
+
+
+@pytest.fixture
+def rich_archives(new_db, tmp_path):
+    """A custom archive and a directory archive of the same database."""
+    name = new_db("archive")
+    seed_rich_database(name)
+    custom, directory = tmp_path / "rich.dump", tmp_path / "rich.dir"
+    for dump_format, path in (("custom", custom), ("directory", directory)):
+        subprocess.run(
+            [
+                f"{PG_BIN}/pg_dump",
+                "--no-password",
+                f"--format={dump_format}",
+                "--compress=0",
+                f"--file={path}",
+                name,
+            ],
+            check=True,
+        )
+    return custom, directory
+
+
+def listing(path) -> list[str]:
+    """pg_restore's table of contents of an archive, without the lines about the file."""
+    text = subprocess.run(
+        [f"{PG_BIN}/pg_restore", "--list", str(path)], check=True, capture_output=True, text=True
+    ).stdout
+    return [line for line in text.splitlines() if line and not line.startswith(";")]
+
+
+def test_a_custom_archive_becomes_a_toc_dat_that_pg_restore_reads_alike(rich_archives, tmp_path):
+    custom, _directory = rich_archives
+    with open(custom, "rb") as handle:
+        archive = pgarchive.read_archive(handle.read, str(custom))
+    data = [entry for entry in archive.data_entries() if entry.has_data]
+    assert {entry.desc for entry in data} >= {"TABLE DATA", "BLOBS"}
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    (converted / "toc.dat").write_bytes(pgarchive.directory_toc(archive))
+    assert listing(converted) == listing(custom)
+
+
+def test_a_directory_toc_dat_is_written_back_byte_for_byte(rich_archives):
+    _custom, directory = rich_archives
+    toc = (directory / "toc.dat").read_bytes()
+    archive = pgarchive.read_archive(io.BytesIO(toc).read, "toc.dat")
+    named = {entry.file_name for entry in archive.entries if entry.has_data}
+    assert named == set(os.listdir(directory)) - {"toc.dat"} - {
+        name for name in os.listdir(directory) if name.startswith("blob_")
+    }
+    assert pgarchive.directory_toc(archive) == toc
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda raw: b"NOTPG" + raw[5:], "not a pg_dump archive"),
+        (lambda raw: raw[:5] + bytes([1, 9, 0]) + raw[8:], "version 1.9.0"),
+        (lambda raw: raw[:5] + bytes([2, 0, 0]) + raw[8:], "version 2.0.0"),
+        (lambda raw: raw[:300], "ends inside its table of contents"),
+        (lambda raw: raw[:10] + bytes([9]) + raw[11:], "neither custom nor directory"),
+    ],
+    ids=["magic", "too-old", "too-new", "truncated-toc", "format"],
+)
+def test_what_is_not_a_readable_archive_is_refused_clearly(rich_archives, damage, message):
+    custom, _directory = rich_archives
+    raw = damage(custom.read_bytes())
+    with pytest.raises(CorruptError, match=message):
+        pgarchive.read_archive(io.BytesIO(raw).read, "damaged.dump")
