@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -385,6 +386,12 @@ def test_a_failure_in_the_last_chunk_of_the_last_table_leaves_the_target_untouch
     """The largest table's file (loaded last to finish) fails in its final chunk, after
     its rows went into the scratch database: the scratch database is dropped and the
     database restored over (with --force) is as it was."""
+    # Random text, several encrypted chunks long even compressed: the file fails late.
+    query(
+        rich_db,
+        "CREATE TABLE bulky AS SELECT g, md5(random()::text) || md5(random()::text) AS filler"
+        " FROM generate_series(1, 80000) g",
+    )
     jobs = 2 if dump_format == "directory" else 1
     path = backup.create_backup_set(
         str(tmp_path / "b"), recipients, databases=[rich_db], dump_format=dump_format, jobs=jobs
@@ -392,6 +399,7 @@ def test_a_failure_in_the_last_chunk_of_the_last_table_leaves_the_target_untouch
     record = json.load(open(os.path.join(path, manifest.MANIFEST_NAME)))
     files = record["databases"][0]["files"]
     largest = max(files, key=lambda entry: entry["plaintext_size"])
+    assert largest["size"] > 2 * crypto.DEFAULT_CHUNK_BYTES
     target = os.path.join(path, largest["path"])
     with open(target, "r+b") as handle:
         handle.seek(-1, os.SEEK_END)
@@ -399,11 +407,62 @@ def test_a_failure_in_the_last_chunk_of_the_last_table_leaves_the_target_untouch
         handle.seek(-1, os.SEEK_END)
         handle.write(bytes([last[0] ^ 0x01]))
     before = fingerprint(rich_db)
-    with pytest.raises(CorruptError, match=r"chunk \d+ failed authentication"):
+    with pytest.raises(CorruptError, match=r"chunk \d+ failed authentication") as failure:
         restore.restore_set(path, key, databases=[rich_db], force=True, jobs=2)
+    assert int(re.search(r"chunk (\d+) failed", str(failure.value)).group(1)) >= 2
     assert fingerprint(rich_db) == before
     assert databases_named("pgbackup_restore_") == []
     assert databases_named(rich_db + "_pre_restore_") == []
+
+
+@pytest.mark.parametrize("dump_format", ["custom", "directory"])
+def test_a_database_without_data_restores(new_db, key, tmp_path, recipients, dump_format):
+    """Functions and views only: nothing to share out among loaders."""
+    name = new_db("nodata")
+    query(name, "CREATE FUNCTION answer() RETURNS int LANGUAGE sql AS 'SELECT 42'")
+    query(name, "CREATE VIEW answers AS SELECT answer() AS value")
+    path = backup.create_backup_set(
+        str(tmp_path / "b"), recipients, databases=[name], dump_format=dump_format
+    )["path"]
+    restore.restore_set(path, key, databases=[name], target_db=name + "_copy", jobs=2)
+    assert query(name + "_copy", "SELECT value FROM answers") == [(42,)]
+
+
+def test_a_data_file_name_that_is_a_path_is_refused_before_any_pipe_is_made(
+    rich_db, key, tmp_path, recipients
+):
+    """A set written with the public key (or a copy altered where it is kept) whose
+    table of contents names a path as a table's data file: refused, and nothing is
+    made where it points."""
+    path = backup.create_backup_set(
+        str(tmp_path / "b"), recipients, databases=[rich_db], dump_format="directory"
+    )["path"]
+    record = json.load(open(os.path.join(path, manifest.MANIFEST_NAME)))
+    toc_entry = next(entry for entry in record["databases"][0]["files"] if entry["name"] == "toc.dat")
+    plain = restore.read_checked(path, toc_entry, key, record)
+    archive = pgarchive.read_archive(io.BytesIO(plain).read, "toc.dat")
+    victim = tmp_path / "escaped.dat"
+    next(entry for entry in archive.entries if entry.desc == "TABLE DATA").file_name = str(victim)
+
+    def rewrite(record):
+        entry = next(entry for entry in record["databases"][0]["files"] if entry["name"] == "toc.dat")
+        encrypted = io.BytesIO()
+        binding = manifest.binding(path, entry)
+        crypto.encrypt_stream(
+            io.BytesIO(pgarchive.directory_toc(archive)), encrypted, recipients, binding=binding
+        )
+        with open(os.path.join(path, entry["path"]), "wb") as handle:
+            handle.write(encrypted.getvalue())
+        entry["size"] = len(encrypted.getvalue())
+        entry["sha256"] = hashlib.sha256(encrypted.getvalue()).hexdigest()
+        entry["plaintext_size"] = len(pgarchive.directory_toc(archive))
+
+    _resealed(path, recipients, rewrite)
+    with pytest.raises(CorruptError, match="which pg_dump never does"):
+        restore.restore_set(path, key, databases=[rich_db], target_db=rich_db + "_never")
+    assert not victim.exists()
+    assert databases_named(rich_db + "_never") == []
+    assert databases_named("pgbackup_restore_") == []
 
 
 def test_a_custom_archive_of_a_version_it_does_not_know_loads_as_one_stream(

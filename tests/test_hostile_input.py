@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -321,29 +323,106 @@ def test_pg_dumpall_failure_reaches_the_user_in_its_own_words(cluster, recipient
 
 def test_scratch_database_of_a_killed_restore_is_dropped_by_the_next_one(cluster, small_set, key_file):
     """A restore killed while loading leaves its scratch database (its plaintext went
-    through pipes only). The next restore drops it: its process is gone and no session
-    is in it. It keeps one whose process lives, and one a session is still in."""
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    abandoned, live, busy = (
-        f"pgbackup_restore_{gone.pid}_20260101T000000Z",
-        f"pgbackup_restore_{os.getpid()}_20260101T000000Z",
-        f"pgbackup_restore_{gone.pid}_20260102T000000Z",
-    )
+    through pipes only). The next restore drops it: no restore holds its lock and no
+    session is in it. It keeps one whose lock a live restore holds (from any host), and
+    one a session is still in."""
+    abandoned, live, busy = (f"pgbackup_restore_{pid}_20260101T000000Z" for pid in (11, 12, 13))
     for name in (abandoned, live, busy):
         query("postgres", f'CREATE DATABASE "{name}"')
     try:
-        with psycopg.connect(dbname=busy):
+        with psycopg.connect(dbname="postgres", autocommit=True) as restoring, psycopg.connect(dbname=busy):
+            restoring.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (restore.SCRATCH_LOCK_CLASS, live))
             argv = ["restore", small_set["path"], "--key-file", key_file, "--database", "postgres"]
             result = run_cli("--verbose", *argv, "--target-db", "restored_after_kill")
             assert result.returncode == 0, result.stderr
             assert f"dropped {abandoned}, left by a restore that was killed while loading" in result.stderr
-        names = [row[0] for row in query("postgres", "SELECT datname FROM pg_database")]
-        assert abandoned not in names
-        assert live in names and busy in names
+            names = [row[0] for row in query("postgres", "SELECT datname FROM pg_database")]
+            assert abandoned not in names
+            assert live in names and busy in names
     finally:
         for name in (abandoned, live, busy, "restored_after_kill"):
             query("postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_restore_stopped_mid_load_leaves_nothing_the_next_cannot_clear(
+    cluster, key_file, new_db, recipients, tmp_path, stop
+):
+    """pgbackup stopped in a table's COPY: no loader stays in the scratch database.
+    SIGTERM: it drops the scratch database on its way out. SIGKILL: the next restore
+    drops it. Either way the next restore restores."""
+    name = new_db("killed")
+    # A directory set of two tables, the larger loaded first.
+    query(name, "CREATE TABLE bulk AS SELECT g, md5(g::text) AS filler FROM generate_series(1, 400000) g")
+    query(name, "CREATE TABLE small AS SELECT g FROM generate_series(1, 10) g")
+    made = backup.create_backup_set(
+        str(tmp_path / "b"), recipients, databases=[name], dump_format="directory"
+    )
+    argv = ["restore", made["path"], "--key-file", key_file, "--database", name, "--target-db", name + "_x"]
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "pgbackup", *argv],
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    loading = (
+        "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'COPY %%' AND datname LIKE 'pgbackup_restore_%%'"
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not query("postgres", loading):
+        assert killed.poll() is None, killed.stderr.read()
+        time.sleep(0.01)
+    assert query("postgres", loading), "the restore was never seen loading"
+    killed.send_signal(stop)
+    assert killed.wait(timeout=30) == (143 if stop == signal.SIGTERM else -signal.SIGKILL), (
+        killed.stderr.read()
+    )
+    scratch = "SELECT 1 FROM pg_database WHERE datname LIKE 'pgbackup_restore_%%'"
+    if stop == signal.SIGTERM:
+        assert not query("postgres", scratch), "the restore left its scratch database on SIGTERM"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and query(
+        "postgres", "SELECT 1 FROM pg_stat_activity WHERE datname LIKE 'pgbackup_restore_%%'"
+    ):
+        time.sleep(0.1)
+    assert not query("postgres", "SELECT 1 FROM pg_stat_activity WHERE datname LIKE 'pgbackup_restore_%%'"), (
+        "a loader outlived the restore that started it"
+    )
+    result = run_cli("--verbose", *argv)
+    assert result.returncode == 0, result.stderr
+    assert ("left by a restore that was killed while loading" in result.stderr) == (stop == signal.SIGKILL)
+    assert not query("postgres", scratch)
+    query("postgres", f'DROP DATABASE IF EXISTS "{name}_x"')
+
+
+def test_loaders_die_with_the_process_that_started_them(tmp_path):
+    """The kernel kills a program started in a session of its own (pg_restore, which
+    may wait on a pipe forever) when the pgbackup process that started it dies, even
+    by SIGKILL, when no cleanup can run."""
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from pgbackup import pg; run = pg.ToolRun(['sleep', '120'], new_session=True); "
+            "print(run.process.pid, flush=True); time.sleep(120)",
+        ],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the program outlived the pgbackup process that started it")
 
 
 def cli_env():

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from . import __version__, archive, backup, crypto, physical, pitr, restore, retention, run, wal
@@ -129,7 +130,14 @@ def cmd_verify(args):
     )
 
 
+def _stop_on_sigterm(_signum, _frame):
+    raise SystemExit(128 + signal.SIGTERM)
+
+
 def cmd_restore(args):
+    # Stopped by the service manager or an operator: drop the scratch database and end
+    # the loaders on the way out, as on any failure.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     report = restore.restore_set(
         args.set,
         _keys(args),

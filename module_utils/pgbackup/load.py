@@ -59,20 +59,28 @@ def load_database(dump, target: str, jobs: int):
     )
     with tempfile.TemporaryDirectory(prefix="pgbackup-restore-") as pipes:
         _Phase(f"pg_restore of database {dump.name!r} (schema)").run(
-            [_directory_job(pipes, "schema", toc_bytes, target, ["--section=pre-data"], [], dump)]
+            [_directory_job(pipes, "schema", toc_bytes, target, ["--section=pre-data"], None, dump)]
         )
         loaders = []
-        for number, share in enumerate(shares):
+        # A schema without data (functions, views only) has nothing to share out.
+        for number, share in enumerate(shares if archive.data_entries() else []):
             if dump.is_directory:
                 loaders.append(_directory_job(pipes, f"data-{number}", toc_bytes, target, [], share, dump))
             else:
                 loaders.append(_custom_job(pipes, f"data-{number}", target, share, dump))
-        _Phase(f"pg_restore of database {dump.name!r} (data)").run(loaders)
+        if loaders:
+            _Phase(f"pg_restore of database {dump.name!r} (data)").run(loaders)
         dump.check_the_rest()
         _Phase(f"pg_restore of database {dump.name!r} (indexes, constraints)").run(
             [
                 _directory_job(
-                    pipes, "post-data", toc_bytes, target, ["--section=post-data", f"--jobs={jobs}"], [], dump
+                    pipes,
+                    "post-data",
+                    toc_bytes,
+                    target,
+                    ["--section=post-data", f"--jobs={jobs}"],
+                    None,
+                    dump,
                 )
             ]
         )
@@ -121,19 +129,38 @@ class _Job:
         self.feed = feed
         self.stdin = stdin
         self.run: pg.ToolRun | None = None
-        # The named pipe its feeder waits on, blocked until pg_restore opens it.
-        self.waiting_on: str | None = None
+        # The named pipes its feeders wait on, blocked until pg_restore opens them (a
+        # large object list and an object's file may be waited on at once).
+        self._waiting: set[str] = set()
+        self._lock = threading.Lock()
         self.released = False
         self._release_readers: list[int] = []
 
+    def open_for_writing(self, path: str) -> int:
+        """Open a named pipe for writing once pg_restore opens it for reading; _Stopped
+        if the job is released instead (see release)."""
+        with self._lock:
+            if self.released:
+                raise _Stopped
+            self._waiting.add(path)
+        try:
+            descriptor = os.open(path, os.O_WRONLY)
+        finally:
+            with self._lock:
+                self._waiting.discard(path)
+        if self.released:
+            os.close(descriptor)
+            raise _Stopped
+        return descriptor
+
     def release(self):
-        """Unblock a feeder waiting on a pipe that pg_restore will not open now (it
-        ended, or the load is stopping): open the pipe's other end ourselves."""
-        self.released = True
-        path = self.waiting_on
-        if path is not None:
-            with contextlib.suppress(OSError):
-                self._release_readers.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        """Unblock the feeders waiting on pipes that pg_restore will not open now (it
+        ended, or the load is stopping): open their other ends ourselves."""
+        with self._lock:
+            self.released = True
+            for path in self._waiting:
+                with contextlib.suppress(OSError):
+                    self._release_readers.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
 
     def close(self):
         for descriptor in self._release_readers:
@@ -143,19 +170,20 @@ class _Job:
 
 def _directory_job(pipes, name, toc_bytes, target, options, share, dump) -> _Job:
     """pg_restore of a directory archive whose files are named pipes: toc.dat, then the
-    data files of `share` in its order (which pg_restore follows, given as a list)."""
+    data files of `share` in its order (which pg_restore follows, given as a list);
+    share None: no list, the entries `options` select (a section)."""
     folder = os.path.join(pipes, name)
     os.mkdir(folder, 0o700)
     os.mkfifo(os.path.join(folder, "toc.dat"), 0o600)
-    for entry in share:
+    for entry in share or []:
         for file_name in dump.pipe_names(entry):
             os.mkfifo(os.path.join(folder, file_name), 0o600)
-    if share:
+    if share is not None:
         options = [*options, f"--use-list={_list_file(folder, share)}"]
 
     def feed(job: _Job, _stop: threading.Event):
         _write_pipe(os.path.join(folder, "toc.dat"), lambda out: out.write(toc_bytes), job)
-        for entry in share:
+        for entry in share or []:
             dump.feed_entry(
                 entry, lambda file_name, fill: _write_pipe(os.path.join(folder, file_name), fill, job)
             )
@@ -182,21 +210,12 @@ def _custom_job(pipes, name, target, share, dump) -> _Job:
 
 
 def _write_pipe(path: str, fill, job: _Job):
-    """Open a named pipe for writing once pg_restore opens it for reading, and fill it.
-    Gives up (_Stopped) when the job is released instead (see _Job.release)."""
-    job.waiting_on = path
-    try:
-        if job.released:
-            raise _Stopped
-        descriptor = os.open(path, os.O_WRONLY)
-    finally:
-        job.waiting_on = None
-    with open(descriptor, "wb") as out:
-        if job.released:
-            raise _Stopped
+    """Fill a named pipe once pg_restore opens it; _Stopped if pg_restore is gone."""
+    with open(job.open_for_writing(path), "wb") as out:
         pg.widen_pipe(out)
         try:
             fill(out)
+            out.flush()
         except BrokenPipeError:
             raise _Stopped from None
 
@@ -230,7 +249,9 @@ class _Phase:
         except _Stopped:
             pass
         except BaseException as error:
-            self._fail(error)
+            # Once the load is stopping, a feeder's error (a pipe closed under it) is a
+            # consequence, not the cause.
+            self._fail(error, cause=not self._stop.is_set())
         finally:
             if job.run.process.stdin is not None:
                 with contextlib.suppress(OSError):
@@ -240,8 +261,10 @@ class _Phase:
         self._jobs = jobs
         feeders = []
         try:
+            # Every pg_restore starts before any feeding thread does (see ToolRun).
             for job in jobs:
                 job.run = pg.ToolRun(job.argv, stdout=subprocess.DEVNULL, stdin=job.stdin, new_session=True)
+            for job in jobs:
                 feeder = threading.Thread(target=self._feed, args=(job,), name="pgbackup-feed", daemon=True)
                 feeder.start()
                 feeders.append(feeder)

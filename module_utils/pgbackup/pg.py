@@ -8,6 +8,7 @@ command line, where `ps` would show it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import shutil
@@ -287,7 +288,9 @@ class ToolRun:
 
     def __init__(self, argv: list[str], stdout=None, stdin=subprocess.DEVNULL, new_session: bool = False):
         """new_session: the program and any processes it forks (pg_restore --jobs)
-        form a process group of their own, which kill() ends as a whole."""
+        form a process group of their own, which kill() ends as a whole, and the
+        kernel kills the program if pgbackup dies first (SIGKILL included): a loader
+        must not go on writing into a scratch database nobody will check."""
         self.argv = argv
         # Unnamed where the filesystem allows (O_TMPFILE); the prefix names it otherwise.
         self._stderr = tempfile.TemporaryFile(prefix="pgbackup-stderr-")  # noqa: SIM115 - lives as long as the process
@@ -296,7 +299,12 @@ class ToolRun:
         self._group = new_session
         try:
             self.process = subprocess.Popen(
-                argv, stdin=stdin, stdout=stdout, stderr=self._stderr, start_new_session=new_session
+                argv,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=self._stderr,
+                start_new_session=new_session,
+                preexec_fn=_die_with_parent() if new_session else None,  # noqa: PLW1509 - no threads run yet
             )
         except OSError as error:
             self._stderr.close()
@@ -344,18 +352,36 @@ class ToolRun:
         return PgBackupError(f"{what} failed: {detail}")
 
     def kill(self):
+        # The processes first, then their pipes: a thread writing into one sees the
+        # program gone (EPIPE), not its pipe closed under it.
+        if self.process.poll() is None:
+            if self._group:
+                # pg_restore --jobs's workers too; the leader is not reaped yet, so the
+                # group's id is still its own.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+            else:
+                self.process.kill()
+        self.process.wait()
         for pipe in (self.process.stdin, self.process.stdout):
             if pipe is not None and not pipe.closed:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, ValueError):
                     pipe.close()
-        if self._group:
-            # The leader may have ended already while its workers still run.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
         self.stderr_text()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    """A preexec_fn asking the kernel to SIGKILL the child when its parent dies,
+    resolved here in the parent (the child must not import or load anything)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def ask():
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return ask
 
 
 def widen_pipe(pipe):

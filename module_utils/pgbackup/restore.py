@@ -30,7 +30,13 @@ log = logging.getLogger("pgbackup")
 _IDENTIFIER_BYTES = 63
 # What a restore loads into: pgbackup_restore_<pid>_<UTC time>, renamed when done.
 SCRATCH_PREFIX = "pgbackup_restore_"
-SCRATCH_NAME = re.compile(rf"^{SCRATCH_PREFIX}(\d+)_\d{{8}}T\d{{6}}Z$")
+SCRATCH_NAME = re.compile(rf"{SCRATCH_PREFIX}\d+_\d{{8}}T\d{{6}}Z")
+# The first key of the advisory lock a restore holds on its scratch database's name.
+SCRATCH_LOCK_CLASS = 0x70676272
+# The files a directory archive's TOC may name (pg_backup_directory.c), and the lines
+# of its large object lists.
+_DATA_FILE = re.compile(r"\d+\.dat|blobs(_\d+)?\.toc")
+_BLOB_LINE = re.compile(rb"(\d+) (blob_\d+\.dat)")
 # A database replaced with --force is kept as <name>_pre_restore_<UTC time>.
 KEPT_MARK = "_pre_restore_"
 KEPT_NAME = re.compile(rf"{KEPT_MARK}(\d{{8}}T\d{{6}}Z)$")
@@ -324,22 +330,45 @@ class DumpFiles:
         directory set, the table's size at backup time as the manifest has it in a
         custom one (0 when unknown or small)."""
         if self.is_directory:
-            names = [name for name, _ in self._blobs(entry)] if entry.desc == "BLOBS" else [entry.file_name]
-            return sum(self._files[name]["plaintext_size"] for name in names if name in self._files)
+            return sum(self._files[name]["plaintext_size"] for name in self.pipe_names(entry))
         size = self._sizes.get(entry.catalog[1], 0) if isinstance(self._sizes, dict) else 0
         return size if isinstance(size, int) else 0
 
+    def _listed_name(self, file_name: str) -> str:
+        """A file name the archive gives, which must be a file of the set: never a path."""
+        self._entry(file_name)
+        return file_name
+
+    def _data_file_name(self, entry: pgarchive.Entry) -> str:
+        """An entry's data file, as the TOC names it: a plain name pg_dump would give,
+        and a file of this set; anything else (a path, say) is refused."""
+        name = entry.file_name or ""
+        if not _DATA_FILE.fullmatch(name):
+            raise CorruptError(
+                f"the table of contents of {self.name!r} in {self.set_path} names {name[:80]!r} "
+                "as a data file, which pg_dump never does"
+            )
+        return self._listed_name(name)
+
     def _blobs(self, entry: pgarchive.Entry) -> list[tuple[str, str]]:
-        """(oid, file name) of each large object of a BLOBS entry, from its checked TOC."""
+        """(oid, file name) of each large object of a BLOBS entry, from its checked list,
+        read as pg_restore reads it (a line each, "<oid> blob_<oid>.dat")."""
         if entry.dump_id not in self._blob_files:
-            toc = self._read_whole(entry.file_name)
+            list_name = self._data_file_name(entry)
+            toc = self._read_whole(list_name)
             self._blob_tocs[entry.dump_id] = toc
-            lines = [line.split() for line in toc.decode("ascii", "replace").splitlines() if line.strip()]
-            if any(len(parts) != 2 or not parts[0].isdigit() or "/" in parts[1] for parts in lines):
-                raise CorruptError(
-                    f"{entry.file_name} of {self.name!r} in {self.set_path} is not a large object list"
-                )
-            self._blob_files[entry.dump_id] = [(oid, name) for oid, name in lines]
+            objects = []
+            for line in toc.split(b"\n"):
+                if not line:
+                    continue
+                listed = _BLOB_LINE.fullmatch(line)
+                if not listed:
+                    raise CorruptError(
+                        f"{list_name} of {self.name!r} in {self.set_path} is not a large object list: "
+                        f"{line[:80]!r}"
+                    )
+                objects.append((listed.group(1).decode(), self._listed_name(listed.group(2).decode())))
+            self._blob_files[entry.dump_id] = objects
         return self._blob_files[entry.dump_id]
 
     def pipe_names(self, entry: pgarchive.Entry) -> list[str]:
@@ -347,15 +376,16 @@ class DumpFiles:
         if not entry.has_data:
             return []
         if entry.desc == "BLOBS":
-            return [entry.file_name] + [name for _, name in self._blobs(entry)]
-        return [entry.file_name]
+            return [self._data_file_name(entry)] + [name for _, name in self._blobs(entry)]
+        return [self._data_file_name(entry)]
 
     def _fill_from(self, file_name: str):
         def fill(out):
             with CheckedFile(self.set_path, self._entry(file_name), self.keys, self.record) as plain:
                 for block in plain.blocks():
                     out.write(block)
-                # pg_restore sees the end of this file only once all of it checked out.
+                # A file whose end does not check out fails here; the load then stops
+                # and its scratch database is dropped, whatever pg_restore made of it.
                 plain.finish()
             self._mark_checked(file_name)
 
@@ -366,26 +396,27 @@ class DumpFiles:
         if not entry.has_data:
             return
         if entry.desc != "BLOBS":
-            write(entry.file_name, self._fill_from(entry.file_name))
+            name = self._data_file_name(entry)
+            write(name, self._fill_from(name))
             return
         # pg_restore reads the list a line at a time, opening each object's file in
         # between: the list goes through its pipe beside the objects', not before them.
-        toc = self._blob_tocs[entry.dump_id]
+        list_name, toc = self._data_file_name(entry), self._blob_tocs[entry.dump_id]
         errors: list[BaseException] = []
 
-        def write_toc():
+        def write_list():
             try:
-                write(entry.file_name, lambda out: out.write(toc))
+                write(list_name, lambda out: out.write(toc))
             except BaseException as error:
                 errors.append(error)
 
-        listing = threading.Thread(target=write_toc, name="pgbackup-feed-blobs", daemon=True)
+        listing = threading.Thread(target=write_list, name="pgbackup-feed-blobs", daemon=True)
         listing.start()
-        try:
-            for _oid, name in self._blobs(entry):
-                write(name, self._fill_from(name))
-        finally:
-            listing.join()
+        for _oid, name in self._blobs(entry):
+            write(name, self._fill_from(name))
+        # Joined only once every object went through: on a failure the load stops
+        # pg_restore, which ends the list's writer (it may be blocked on its pipe).
+        listing.join()
         if errors:
             raise errors[0]
 
@@ -506,30 +537,34 @@ def restore_set(
     return {"set": set_path, "name": record["name"], "globals": include_globals, "databases": results}
 
 
-def _process_is_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _scratch_lock(conn, name: str, wait: bool) -> bool:
+    """The advisory lock a restore holds, for as long as it works on a scratch database,
+    on that database's name: any session of the server, on any host, sees it held."""
+    if wait:
+        conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, name))
         return True
-    except PermissionError:
-        return False
-    return False
+    return conn.execute(
+        "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, name)
+    ).fetchone()[0]
 
 
 def _drop_abandoned_scratch():
     """Drop what restores killed mid-load left (SIGKILL, a host that went down): scratch
-    databases whose restore process is gone from this host and which no session is
-    in. A live restore's scratch database has its process, or is never without a
-    session for long; either keeps it."""
+    databases whose lock no restore holds and which no session is in. Never fails the
+    restore that looks: what cannot be dropped is said, and left."""
     with pg.connect() as conn:
         for database in pg.list_databases(conn):
-            match = SCRATCH_NAME.match(database["name"])
-            if not match or not _process_is_gone(int(match.group(1))):
+            name = database["name"]
+            if not SCRATCH_NAME.fullmatch(name) or not _scratch_lock(conn, name, wait=False):
                 continue
-            if pg.other_sessions(conn, database["name"]):
-                continue
-            pg.drop_database(conn, database["name"])
-            log.warning("dropped %s, left by a restore that was killed while loading", database["name"])
+            try:
+                if not pg.other_sessions(conn, name):
+                    pg.drop_database(conn, name)
+                    log.warning("dropped %s, left by a restore that was killed while loading", name)
+            except PgBackupError as error:
+                log.warning("%s was left by a restore that was killed, and stays: %s", name, error)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, name))
 
 
 def _require_server_space(targets: list[tuple[dict, str]]):
@@ -558,6 +593,17 @@ def _require_server_space(targets: list[tuple[dict, str]]):
 def _restore_database(dump: DumpFiles, database: dict, target: str, fate: str, jobs: int) -> dict:
     suffix = manifest.compact_time(manifest.utc_now())
     scratch = _fit_identifier(f"{SCRATCH_PREFIX}{os.getpid()}_", suffix)
+    # Held until the scratch database is renamed or dropped: a live restore's database
+    # is never taken for a killed one's (see _drop_abandoned_scratch).
+    # Not in the target: a session there would stop the rename (restoring `postgres`).
+    with pg.connect(pg.admin_db_for(target)) as guard:
+        _scratch_lock(guard, scratch, wait=True)
+        return _load_and_swap(dump, database, target, fate, jobs, scratch, suffix)
+
+
+def _load_and_swap(
+    dump: DumpFiles, database: dict, target: str, fate: str, jobs: int, scratch: str, suffix: str
+):
     with pg.connect() as conn:
         pg.create_database(conn, scratch, database)
     try:
