@@ -51,6 +51,12 @@ options:
     description: Replace an existing non-empty database; the current one is kept under a new name.
     type: bool
     default: false
+  space_check:
+    description:
+      - Refuse when the server's data directory has less free space than the databases took at
+        backup time (bloat included). V(false) restores anyway.
+    type: bool
+    default: true
   login_host:
     description: Server host (C(PGHOST)).
     type: str
@@ -156,6 +162,7 @@ def main():
         "jobs": {"type": "int", "default": 1},
         "globals": {"type": "bool", "default": False},
         "force": {"type": "bool", "default": False},
+        "space_check": {"type": "bool", "default": True},
     }
     module = AnsibleModule(
         argument_spec=argument_spec,
@@ -178,6 +185,7 @@ def main():
             **selection,
             jobs=params["jobs"],
             include_globals=params["globals"],
+            check_space=params["space_check"],
         )
     except PgBackupError as error:
         module.fail_json(msg=str(error))

@@ -146,6 +146,7 @@ def cmd_restore(args):
         jobs=args.jobs,
         include_globals=args.globals,
         force=args.force,
+        check_space=not args.no_space_check,
     )
     lines = [
         f"{item['database']} -> {item['target']}"
@@ -484,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one statement 
         "--force",
         action="store_true",
         help="replace an existing non-empty database (it is kept under a new name)",
+    )
+    sub.add_argument(
+        "--no-space-check",
+        action="store_true",
+        help="restore even where the server's free space is below the databases' size at backup time",
     )
     sub.add_argument("--json", action="store_true")
 

@@ -517,7 +517,10 @@ def restore_set(
     jobs: int = 1,
     include_globals: bool = False,
     force: bool = False,
+    check_space: bool = True,
 ) -> dict:
+    """check_space=False: restore even where the server's free space is below the size
+    the databases had at backup time (bloat included, so more than they may need)."""
     set_path = resolve_set(set_path)
     if jobs < 1:
         raise PgBackupError("--jobs must be at least 1")
@@ -526,7 +529,8 @@ def restore_set(
         _drop_abandoned_scratch()
         # Every file's size is checked here, before anything is written anywhere.
         dumps = [DumpFiles(set_path, record, database, keys) for database, _target in targets]
-        _require_server_space(targets)
+        if check_space:
+            _require_server_space(targets)
         if include_globals:
             _restore_globals(set_path, record, keys)
             log.info("globals restored")
@@ -587,7 +591,10 @@ def _require_server_space(targets: list[tuple[dict, str]]):
     try:
         require_free_space(data_directory, needed, "for the restored database(s)")
     except PgBackupError as error:
-        raise RefusedError(f"{error}; nothing was restored") from None
+        raise RefusedError(
+            f"{error} (their size at backup time, bloat included); nothing was restored. "
+            "Free space, or restore anyway with --no-space-check"
+        ) from None
 
 
 def _restore_database(dump: DumpFiles, database: dict, target: str, fate: str, jobs: int) -> dict:
