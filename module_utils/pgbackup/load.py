@@ -28,8 +28,6 @@ from . import pg, pgarchive
 
 log = logging.getLogger("pgbackup")
 
-BLOCK_BYTES = 1 << 20
-
 
 class _Stopped(Exception):
     """The load is being stopped: a feeder gives up quietly."""
