@@ -212,6 +212,19 @@ def fingerprint(dbname: str) -> dict:
                 " WHERE table_schema = 'billing' AND grantee = 'app_reader'"
             ),
             "large_objects": one("SELECT md5(lo_get(oid)) FROM pg_largeobject_metadata ORDER BY 1"),
+            # Indexes, keys and foreign keys: what the restore builds after the data.
+            "indexes": one(
+                "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')"
+                " AND n.nspname NOT LIKE 'pg_toast%'"
+                " ORDER BY 1"
+            ),
+            "constraints": one(
+                "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
+                " WHERE connamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)"
+                " ORDER BY 1, 2"
+            ),
         }
 
 

@@ -49,6 +49,13 @@ def load_database(dump, target: str, jobs: int):
         dump.check_the_rest()
         return
     shares = _share_out(archive, dump, jobs)
+    early = _indexes_of(archive, shares)
+    rest = [
+        entry
+        for entry in archive.entries
+        if archive.sections()[entry.dump_id] == pgarchive.SECTION_POST_DATA
+        and not any(entry in own for own in early)
+    ]
     log.info(
         "loading %s into %s: schema, then data in %d loader(s), then indexes and constraints",
         dump.name,
@@ -62,26 +69,20 @@ def load_database(dump, target: str, jobs: int):
         loaders = []
         # A schema without data (functions, views only) has nothing to share out.
         for number, share in enumerate(shares if archive.data_entries() else []):
+            # A loader builds its own tables' indexes once their data is in, while the
+            # others still load (what pg_restore --jobs overlaps).
+            listed = share + early[number]
             if dump.is_directory:
-                loaders.append(_directory_job(pipes, f"data-{number}", toc_bytes, target, [], share, dump))
+                loaders.append(_directory_job(pipes, f"data-{number}", toc_bytes, target, [], listed, dump))
             else:
-                loaders.append(_custom_job(pipes, f"data-{number}", target, share, dump))
+                loaders.append(_custom_job(pipes, f"data-{number}", target, listed, dump))
         if loaders:
             _Phase(f"pg_restore of database {dump.name!r} (data)").run(loaders)
         dump.check_the_rest()
-        _Phase(f"pg_restore of database {dump.name!r} (indexes, constraints)").run(
-            [
-                _directory_job(
-                    pipes,
-                    "post-data",
-                    toc_bytes,
-                    target,
-                    ["--section=post-data", f"--jobs={jobs}"],
-                    None,
-                    dump,
-                )
-            ]
-        )
+        if rest:
+            _Phase(f"pg_restore of database {dump.name!r} (indexes, constraints)").run(
+                [_directory_job(pipes, "post-data", toc_bytes, target, [f"--jobs={jobs}"], rest, dump)]
+            )
 
 
 def _share_out(archive: pgarchive.Archive, dump, jobs: int) -> list[list[pgarchive.Entry]]:
@@ -100,6 +101,49 @@ def _share_out(archive: pgarchive.Archive, dump, jobs: int) -> list[list[pgarchi
     shares[0] += [entry for entry in archive.data_entries() if not entry.has_data]
     order = {entry.dump_id: index for index, entry in enumerate(archive.entries)}
     return [sorted(share, key=lambda entry: order[entry.dump_id]) for share in shares]
+
+
+# Post-data entries a loader may build as soon as its own tables are loaded.
+_OWN_TABLE_KINDS = ("INDEX", "CONSTRAINT")
+
+
+def _indexes_of(
+    archive: pgarchive.Archive, shares: list[list[pgarchive.Entry]]
+) -> list[list[pgarchive.Entry]]:
+    """For each share, the indexes and primary key or unique constraints that depend on
+    nothing but its tables and the schema: the loader builds them after its data.
+    Everything else of the post-data section (foreign keys, which need another table's
+    key, triggers, comments) waits for the final pass."""
+    by_id = {entry.dump_id: entry for entry in archive.entries}
+    sections = archive.sections()
+
+    def tables_of(entries):
+        return {
+            int(dependency)
+            for entry in entries
+            if entry.desc == "TABLE DATA"
+            for dependency in entry.dependencies
+            if dependency.isdigit() and getattr(by_id.get(int(dependency)), "desc", None) == "TABLE"
+        }
+
+    loaded = tables_of(archive.data_entries())
+    found = []
+    for share in shares:
+        own = tables_of(share)
+        early = []
+        for entry in archive.entries:
+            if sections[entry.dump_id] != pgarchive.SECTION_POST_DATA or entry.desc not in _OWN_TABLE_KINDS:
+                continue
+            dependencies = [int(d) for d in entry.dependencies if d.isdigit()]
+            if len(dependencies) != len(entry.dependencies) or not own.intersection(dependencies):
+                continue
+            if all(
+                d in own or (d in by_id and sections[d] == pgarchive.SECTION_PRE_DATA and d not in loaded)
+                for d in dependencies
+            ):
+                early.append(entry)
+        found.append(early)
+    return found
 
 
 def _list_file(folder: str, share: list[pgarchive.Entry]) -> str:

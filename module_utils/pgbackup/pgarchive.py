@@ -66,6 +66,16 @@ class Archive:
     header_rest: list = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)
 
+    def sections(self) -> dict[int, int]:
+        """Each entry's section as `pg_restore --section` sees it: an entry of no section
+        (a comment, an ACL) belongs to the section of the entry before it."""
+        current, found = SECTION_PRE_DATA, {}
+        for entry in self.entries:
+            if entry.section != SECTION_NONE:
+                current = entry.section
+            found[entry.dump_id] = current
+        return found
+
     def data_entries(self) -> list[Entry]:
         """The data section's entries, in TOC order (which is a custom archive's block
         order): the ones with data to load and the ones without (SEQUENCE SET)."""
