@@ -50,11 +50,12 @@ def load_database(dump, target: str, jobs: int):
         return
     shares = _share_out(archive, dump, jobs)
     early = _indexes_of(archive, shares)
+    sections = archive.sections()
+    built_early = {entry.dump_id for own in early for entry in own}
     rest = [
         entry
         for entry in archive.entries
-        if archive.sections()[entry.dump_id] == pgarchive.SECTION_POST_DATA
-        and not any(entry in own for own in early)
+        if sections[entry.dump_id] == pgarchive.SECTION_POST_DATA and entry.dump_id not in built_early
     ]
     log.info(
         "loading %s into %s: schema, then data in %d loader(s), then indexes and constraints",
