@@ -180,6 +180,21 @@ def seed_rich_database(dbname: str):
             GRANT USAGE ON SCHEMA billing TO app_reader;
             GRANT SELECT ON billing.subscriptions TO app_reader;
             COMMENT ON TABLE accounts.users IS 'Zuschauer — 視聴者 — зрители';
+            -- A partitioned table (its indexes attached to the partitions'), a trigger
+            -- with a comment: post-data entries that depend on one another.
+            CREATE TABLE billing.plays (user_id uuid NOT NULL REFERENCES accounts.users(id),
+                                        played_on date NOT NULL, seconds int,
+                                        PRIMARY KEY (user_id, played_on)) PARTITION BY RANGE (played_on);
+            CREATE TABLE billing.plays_2026 PARTITION OF billing.plays
+                FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+            CREATE TABLE billing.plays_2027 PARTITION OF billing.plays
+                FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
+            CREATE INDEX plays_seconds ON billing.plays (seconds);
+            CREATE FUNCTION billing.no_null_price() RETURNS trigger LANGUAGE plpgsql
+                AS $$BEGIN NEW.price := coalesce(NEW.price, 0); RETURN NEW; END$$;
+            CREATE TRIGGER subscriptions_price BEFORE INSERT ON billing.subscriptions
+                FOR EACH ROW EXECUTE FUNCTION billing.no_null_price();
+            COMMENT ON TRIGGER subscriptions_price ON billing.subscriptions IS 'prices are never null';
         """)
         conn.execute("""
             INSERT INTO accounts.users
@@ -188,8 +203,12 @@ def seed_rich_database(dbname: str):
             FROM generate_series(1, 2000) g;
             INSERT INTO billing.subscriptions (user_id, plan, price)
             SELECT id, CASE WHEN random() < 0.5 THEN 'basic' ELSE 'premium' END, 9.99 FROM accounts.users;
+            INSERT INTO billing.plays
+            SELECT id, date '2026-06-01' + (random() * 400)::int, (random() * 7200)::int FROM accounts.users;
         """)
         conn.execute("SELECT lo_from_bytea(0, convert_to(repeat('poster-bytes ', 10000), 'UTF8'))")
+        # An oid over 2^31: pg_dump writes it as a negative C int.
+        conn.execute("SELECT lo_from_bytea(3000000001, convert_to(repeat('trailer ', 5000), 'UTF8'))")
 
 
 def fingerprint(dbname: str) -> dict:
@@ -211,7 +230,9 @@ def fingerprint(dbname: str) -> dict:
                 "SELECT grantee, privilege_type FROM information_schema.role_table_grants"
                 " WHERE table_schema = 'billing' AND grantee = 'app_reader'"
             ),
-            "large_objects": one("SELECT md5(lo_get(oid)) FROM pg_largeobject_metadata ORDER BY 1"),
+            "large_objects": one(
+                "SELECT oid::bigint, md5(lo_get(oid)) FROM pg_largeobject_metadata ORDER BY 1"
+            ),
             # Indexes, keys and foreign keys: what the restore builds after the data.
             "indexes": one(
                 "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid"
@@ -220,6 +241,15 @@ def fingerprint(dbname: str) -> dict:
                 " AND n.nspname NOT LIKE 'pg_toast%'"
                 " ORDER BY 1"
             ),
+            "triggers": one(
+                "SELECT pg_get_triggerdef(oid), obj_description(oid, 'pg_trigger') FROM pg_trigger"
+                " WHERE NOT tgisinternal ORDER BY 1"
+            ),
+            # Partitions, and partitioned indexes attached to their partitions' indexes.
+            "inheritance": one(
+                "SELECT inhrelid::regclass::text, inhparent::regclass::text FROM pg_inherits ORDER BY 1"
+            ),
+            "plays": one("SELECT count(*), sum(seconds), min(played_on) FROM billing.plays"),
             "constraints": one(
                 "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"
                 " WHERE connamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)"

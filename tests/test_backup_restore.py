@@ -17,7 +17,7 @@ import time
 
 import pytest
 from conftest import ROOT, connect, fingerprint, query, run_cli, seed_rich_database
-from pgbackup import backup, crypto, manifest, pgarchive, restore, retention
+from pgbackup import backup, crypto, load, manifest, pgarchive, restore, retention
 from pgbackup.errors import CorruptError, PgBackupError, RefusedError, WrongKeyError
 
 
@@ -66,6 +66,40 @@ def test_round_trip_keeps_schemas_large_objects_unicode_and_grants(
     ]
     assert fingerprint(rich_db + "_copy") == before
     assert before["large_objects"] and before["grants"] and before["schema_owner"] == [("app_owner",)]
+
+
+@pytest.mark.parametrize("dump_format", ["custom", "directory"])
+def test_the_final_pass_keeps_entries_that_depend_on_one_another_together(
+    rich_db, key, tmp_path, recipients, dump_format
+):
+    """After the data, two pg_restore processes share foreign keys, a partitioned table's
+    index with its attachments, a trigger and its comment: neither ever waits on an entry
+    the other restores."""
+    path = backup.create_backup_set(
+        str(tmp_path / "b"), recipients, databases=[rich_db], dump_format=dump_format
+    )["path"]
+    record = manifest.load(path)
+    dump = restore.DumpFiles(path, record, record["databases"][0], key)
+    archive = dump.table_of_contents()
+    loads, final_pass = load.plan_load(archive, dump, jobs=2)
+    assert len(loads) == 2 and len(final_pass) == 2
+    in_final_pass = {entry.dump_id for group in final_pass for entry in group}
+    kinds = {entry.desc for group in final_pass for entry in group}
+    assert {"FK CONSTRAINT", "INDEX", "INDEX ATTACH", "TRIGGER", "COMMENT"} <= kinds
+    for group in final_pass:
+        own = {entry.dump_id for entry in group}
+        for entry in group:
+            waits_on = {int(d) for d in entry.dependencies if d.isdigit()} & in_final_pass
+            assert waits_on <= own, (entry.desc, entry.tag)
+    # Every post-data entry is restored once: early by a loader or in the final pass.
+    built_early = [
+        entry.dump_id for listed in loads for entry in listed if entry.section != pgarchive.SECTION_DATA
+    ]
+    sections = archive.sections()
+    post_data = {
+        entry.dump_id for entry in archive.entries if sections[entry.dump_id] == pgarchive.SECTION_POST_DATA
+    }
+    assert sorted(built_early + sorted(in_final_pass)) == sorted(post_data)
 
 
 def test_manifest_describes_the_set(rich_set, key):
@@ -455,13 +489,16 @@ def test_a_data_file_name_that_is_a_path_is_refused_before_any_pipe_is_made(
         encrypted = io.BytesIO()
         binding = manifest.binding(path, entry)
         crypto.encrypt_stream(
-            io.BytesIO(pgarchive.directory_toc(archive)), encrypted, recipients, binding=binding
+            io.BytesIO(pgarchive.write_toc(archive, pgarchive.FORMAT_TOC_DAT)),
+            encrypted,
+            recipients,
+            binding=binding,
         )
         with open(os.path.join(path, entry["path"]), "wb") as handle:
             handle.write(encrypted.getvalue())
         entry["size"] = len(encrypted.getvalue())
         entry["sha256"] = hashlib.sha256(encrypted.getvalue()).hexdigest()
-        entry["plaintext_size"] = len(pgarchive.directory_toc(archive))
+        entry["plaintext_size"] = len(pgarchive.write_toc(archive, pgarchive.FORMAT_TOC_DAT))
 
     _resealed(path, recipients, rewrite)
     with pytest.raises(CorruptError, match="which pg_dump never does"):

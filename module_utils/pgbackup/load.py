@@ -2,16 +2,20 @@
 
 In three phases, as `pg_restore --jobs` runs them: the schema before the data (one
 pg_restore), the data (--jobs pg_restore processes side by side, each loading its
-share of the tables, shared out by size), then indexes, constraints and the rest
-(`pg_restore --jobs`). pg_restore reads a directory archive from a private folder
-whose toc.dat and data files are named pipes, fed as the files are decrypted; a
-custom archive's data is streamed whole into each loader's standard input, and
-pg_restore skips the blocks of tables given to another loader.
+share of the tables, shared out by size, and building their indexes once loaded),
+then foreign keys and the rest (--jobs pg_restore processes, the entries that depend
+on one another kept together). Every pg_restore reads a custom archive from its
+standard input: a directory set's entries become one, written here (pgarchive) from
+its decrypted files; a custom set streams whole into each data loader, which skips
+the blocks of tables given to another. pg_restore 15.20 and later refuse named pipes
+in a directory archive, and `--jobs` needs a seekable file, so no directory archive
+and no --jobs are used.
 
-No plaintext reaches the disk, and pg_restore reads only authenticated bytes; each
-file's final chunk, size and hash are checked before its pipe is closed. Any failure
-stops every pg_restore at once. The caller renames the loaded database into place
-only after this returns, that is once every file of the dump has been checked.
+No plaintext reaches the disk (the lists of entries each pg_restore restores are the
+only files), and pg_restore reads only authenticated bytes; each file's final chunk,
+size and hash are checked before its data ends. Any failure stops every pg_restore at
+once. The caller renames the loaded database into place only after this returns,
+that is once every file of the dump has been checked.
 """
 
 from __future__ import annotations
@@ -25,30 +29,64 @@ import threading
 import time
 
 from . import pg, pgarchive
+from .errors import PgBackupError
 
 log = logging.getLogger("pgbackup")
-
-
-class _Stopped(Exception):
-    """The load is being stopped: a feeder gives up quietly."""
 
 
 def load_database(dump, target: str, jobs: int):
     """Load `dump` (a restore.DumpFiles: the set's files of one database) into `target`."""
     try:
-        archive, toc_bytes = dump.table_of_contents()
+        archive = dump.table_of_contents()
     except pgarchive.UnsupportedArchive as error:
         if dump.is_directory:
             raise
         # A newer pg_dump's archive: pg_restore still reads it, as one stream.
         log.warning("%s: loading it with one pg_restore reading the whole stream, without --jobs", error)
-        with tempfile.TemporaryDirectory(prefix="pgbackup-restore-") as pipes:
+        with tempfile.TemporaryDirectory(prefix="pgbackup-restore-") as lists:
             _Phase(f"pg_restore of database {dump.name!r}").run(
-                [_custom_job(pipes, "whole", target, None, dump)]
+                [_custom_job(lists, "whole", target, None, dump)]
             )
         dump.check_the_rest()
         return
-    shares = _share_out(archive, dump, jobs)
+    loads, final_pass = plan_load(archive, dump, jobs)
+    log.info(
+        "loading %s into %s: schema, then data in %d loader(s), then foreign keys and the rest in %d",
+        dump.name,
+        target,
+        len(loads),
+        len(final_pass),
+    )
+    with tempfile.TemporaryDirectory(prefix="pgbackup-restore-") as lists:
+        _Phase(f"pg_restore of database {dump.name!r} (schema)").run(
+            [_schema_job(lists, "schema", archive, target, ["--section=pre-data"], None)]
+        )
+        loaders = [
+            _directory_job(lists, f"data-{number}", archive, target, listed, dump)
+            if dump.is_directory
+            else _custom_job(lists, f"data-{number}", target, listed, dump)
+            for number, listed in enumerate(loads)
+        ]
+        if loaders:
+            _Phase(f"pg_restore of database {dump.name!r} (data)").run(loaders)
+        dump.check_the_rest()
+        if final_pass:
+            _Phase(f"pg_restore of database {dump.name!r} (foreign keys, triggers and the rest)").run(
+                [
+                    _schema_job(lists, f"post-data-{number}", archive, target, [], group)
+                    for number, group in enumerate(final_pass)
+                ]
+            )
+
+
+def plan_load(
+    archive: pgarchive.Archive, dump, jobs: int
+) -> tuple[list[list[pgarchive.Entry]], list[list[pgarchive.Entry]]]:
+    """What each pg_restore after the schema's restores: the data loaders' lists (a share
+    of the tables, then their indexes, built once their data is in while the others
+    still load, as pg_restore --jobs overlaps them), and the final pass's groups."""
+    # A schema without data (functions, views only) has nothing to share out.
+    shares = _share_out(archive, dump, jobs) if archive.data_entries() else []
     early = _indexes_of(archive, shares)
     sections = archive.sections()
     built_early = {entry.dump_id for own in early for entry in own}
@@ -57,33 +95,8 @@ def load_database(dump, target: str, jobs: int):
         for entry in archive.entries
         if sections[entry.dump_id] == pgarchive.SECTION_POST_DATA and entry.dump_id not in built_early
     ]
-    log.info(
-        "loading %s into %s: schema, then data in %d loader(s), then indexes and constraints",
-        dump.name,
-        target,
-        len(shares),
-    )
-    with tempfile.TemporaryDirectory(prefix="pgbackup-restore-") as pipes:
-        _Phase(f"pg_restore of database {dump.name!r} (schema)").run(
-            [_directory_job(pipes, "schema", toc_bytes, target, ["--section=pre-data"], None, dump)]
-        )
-        loaders = []
-        # A schema without data (functions, views only) has nothing to share out.
-        for number, share in enumerate(shares if archive.data_entries() else []):
-            # A loader builds its own tables' indexes once their data is in, while the
-            # others still load (what pg_restore --jobs overlaps).
-            listed = share + early[number]
-            if dump.is_directory:
-                loaders.append(_directory_job(pipes, f"data-{number}", toc_bytes, target, [], listed, dump))
-            else:
-                loaders.append(_custom_job(pipes, f"data-{number}", target, listed, dump))
-        if loaders:
-            _Phase(f"pg_restore of database {dump.name!r} (data)").run(loaders)
-        dump.check_the_rest()
-        if rest:
-            _Phase(f"pg_restore of database {dump.name!r} (indexes, constraints)").run(
-                [_directory_job(pipes, "post-data", toc_bytes, target, [f"--jobs={jobs}"], rest, dump)]
-            )
+    loads = [share + own for share, own in zip(shares, early, strict=True)]
+    return loads, (_post_data_groups(archive, rest, dump, jobs) if rest else [])
 
 
 def _share_out(archive: pgarchive.Archive, dump, jobs: int) -> list[list[pgarchive.Entry]]:
@@ -93,15 +106,67 @@ def _share_out(archive: pgarchive.Archive, dump, jobs: int) -> list[list[pgarchi
     first loader."""
     with_data = [entry for entry in archive.data_entries() if entry.has_data]
     count = max(1, min(jobs, len(with_data)))
-    shares: list[list[pgarchive.Entry]] = [[] for _ in range(count)]
-    loads = [0] * count
-    for entry in sorted(with_data, key=dump.size_of, reverse=True):
-        least = loads.index(min(loads))
-        shares[least].append(entry)
-        loads[least] += max(dump.size_of(entry), 1)
+    shares = _largest_first(with_data, dump.size_of, count)
     shares[0] += [entry for entry in archive.data_entries() if not entry.has_data]
+    return [_in_toc_order(archive, share) for share in shares]
+
+
+def _largest_first(items: list, size_of, count: int) -> list[list]:
+    """items shared among `count` lists, largest first to the least loaded."""
+    shares: list[list] = [[] for _ in range(count)]
+    loads = [0] * count
+    for item in sorted(items, key=size_of, reverse=True):
+        least = loads.index(min(loads))
+        shares[least].append(item)
+        loads[least] += max(size_of(item), 1)
+    return shares
+
+
+def _in_toc_order(archive: pgarchive.Archive, entries: list[pgarchive.Entry]) -> list[pgarchive.Entry]:
     order = {entry.dump_id: index for index, entry in enumerate(archive.entries)}
-    return [sorted(share, key=lambda entry: order[entry.dump_id]) for share in shares]
+    return sorted(entries, key=lambda entry: order[entry.dump_id])
+
+
+def _dependency_ids(entry: pgarchive.Entry) -> list[int]:
+    return [int(dependency) for dependency in entry.dependencies if dependency.isdigit()]
+
+
+def _post_data_groups(
+    archive: pgarchive.Archive, rest: list[pgarchive.Entry], dump, jobs: int
+) -> list[list[pgarchive.Entry]]:
+    """The final pass's entries in at most `jobs` groups, one pg_restore each, side by
+    side: entries that depend on one another (a comment on a trigger, a partition's
+    index attached to its parent's) stay in one group, in TOC order, and groups are
+    shared out by the size of the tables they touch (a foreign key's check reads its
+    table)."""
+    table_sizes = {
+        dependency: dump.size_of(entry)
+        for entry in archive.data_entries()
+        if entry.desc == "TABLE DATA"
+        for dependency in _dependency_ids(entry)
+    }
+    ids = {entry.dump_id for entry in rest}
+    parent = {dump_id: dump_id for dump_id in ids}
+
+    def root(dump_id: int) -> int:
+        while parent[dump_id] != dump_id:
+            parent[dump_id] = parent[parent[dump_id]]
+            dump_id = parent[dump_id]
+        return dump_id
+
+    for entry in rest:
+        for dependency in _dependency_ids(entry):
+            if dependency in ids:
+                parent[root(entry.dump_id)] = root(dependency)
+    together: dict[int, list[pgarchive.Entry]] = {}
+    for entry in rest:
+        together.setdefault(root(entry.dump_id), []).append(entry)
+
+    def size_of(group: list[pgarchive.Entry]) -> int:
+        return sum(table_sizes.get(dependency, 0) for entry in group for dependency in _dependency_ids(entry))
+
+    shares = _largest_first(list(together.values()), size_of, max(1, min(jobs, len(together))))
+    return [_in_toc_order(archive, [entry for group in share for entry in group]) for share in shares]
 
 
 # Post-data entries a loader may build as soon as its own tables are loaded.
@@ -165,102 +230,55 @@ def _pg_restore(target: str, options: list[str]) -> list[str]:
 
 
 class _Job:
-    """One pg_restore and what feeds it."""
+    """One pg_restore reading a custom archive from its standard input, and what feeds it:
+    feed(stdin, stop) writes the archive."""
 
-    def __init__(self, argv: list[str], feed, stdin=subprocess.DEVNULL):
+    def __init__(self, argv: list[str], feed):
         self.argv = argv
         self.feed = feed
-        self.stdin = stdin
         self.run: pg.ToolRun | None = None
-        # The named pipes its feeders wait on, blocked until pg_restore opens them (a
-        # large object list and an object's file may be waited on at once).
-        self._waiting: set[str] = set()
-        self._lock = threading.Lock()
-        self.released = False
-        self._release_readers: list[int] = []
-
-    def open_for_writing(self, path: str) -> int:
-        """Open a named pipe for writing once pg_restore opens it for reading; _Stopped
-        if the job is released instead (see release)."""
-        with self._lock:
-            if self.released:
-                raise _Stopped
-            self._waiting.add(path)
-        try:
-            descriptor = os.open(path, os.O_WRONLY)
-        finally:
-            with self._lock:
-                self._waiting.discard(path)
-        if self.released:
-            os.close(descriptor)
-            raise _Stopped
-        return descriptor
-
-    def release(self):
-        """Unblock the feeders waiting on pipes that pg_restore will not open now (it
-        ended, or the load is stopping): open their other ends ourselves."""
-        with self._lock:
-            self.released = True
-            for path in self._waiting:
-                with contextlib.suppress(OSError):
-                    self._release_readers.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
-
-    def close(self):
-        for descriptor in self._release_readers:
-            os.close(descriptor)
-        self._release_readers = []
 
 
-def _directory_job(pipes, name, toc_bytes, target, options, share, dump) -> _Job:
-    """pg_restore of a directory archive whose files are named pipes: toc.dat, then the
-    data files of `share` in its order (which pg_restore follows, given as a list);
-    share None: no list, the entries `options` select (a section)."""
-    folder = os.path.join(pipes, name)
-    os.mkdir(folder, 0o700)
-    os.mkfifo(os.path.join(folder, "toc.dat"), 0o600)
-    for entry in share or []:
-        for file_name in dump.pipe_names(entry):
-            os.mkfifo(os.path.join(folder, file_name), 0o600)
-    if share is not None:
-        options = [*options, f"--use-list={_list_file(folder, share)}"]
-
-    def feed(job: _Job, _stop: threading.Event):
-        _write_pipe(os.path.join(folder, "toc.dat"), lambda out: out.write(toc_bytes), job)
-        for entry in share or []:
-            dump.feed_entry(
-                entry, lambda file_name, fill: _write_pipe(os.path.join(folder, file_name), fill, job)
-            )
-
-    return _Job(_pg_restore(target, ["--format=directory", *options, folder]), feed)
+def _listed(folder: str, name: str, share: list[pgarchive.Entry] | None) -> list[str]:
+    """--use-list for `share` (in its order, which pg_restore follows), in a folder of
+    its own; nothing when share is None (all the entries the options select)."""
+    if share is None:
+        return []
+    own = os.path.join(folder, name)
+    os.mkdir(own, 0o700)
+    return [f"--use-list={_list_file(own, share)}"]
 
 
-def _custom_job(pipes, name, target, share, dump) -> _Job:
+def _schema_job(folder, name, archive, target, options, share) -> _Job:
+    """pg_restore of entries without data: the archive's header and entries alone."""
+    head = pgarchive.write_toc(archive)
+
+    def feed(stdin, _stop: threading.Event):
+        stdin.write(head)
+
+    return _Job(_pg_restore(target, ["--format=custom", *options, *_listed(folder, name, share)]), feed)
+
+
+def _directory_job(folder, name, archive, target, share, dump) -> _Job:
+    """pg_restore of `share` of a directory set: the archive's header and entries, then
+    the data of the share's entries in its order, written from the set's files."""
+    head = pgarchive.write_toc(archive, with_data={entry.dump_id for entry in share if entry.has_data})
+
+    def feed(stdin, stop: threading.Event):
+        stdin.write(head)
+        for entry in share:
+            if stop.is_set():
+                return
+            dump.feed_entry(entry, archive, stdin)
+
+    return _Job(_pg_restore(target, ["--format=custom", *_listed(folder, name, share)]), feed)
+
+
+def _custom_job(folder, name, target, share, dump) -> _Job:
     """pg_restore of the whole custom archive from its standard input, restoring only
     `share` (in the archive's order) and skipping every other block; everything when
     share is None."""
-    folder = os.path.join(pipes, name)
-    os.mkdir(folder, 0o700)
-    options = (
-        ["--format=custom"]
-        if share is None
-        else ["--format=custom", f"--use-list={_list_file(folder, share)}"]
-    )
-
-    def feed(job: _Job, stop: threading.Event):
-        dump.feed_whole(job.run.process.stdin, stop)
-
-    return _Job(_pg_restore(target, options), feed, stdin=subprocess.PIPE)
-
-
-def _write_pipe(path: str, fill, job: _Job):
-    """Fill a named pipe once pg_restore opens it; _Stopped if pg_restore is gone."""
-    with open(job.open_for_writing(path), "wb") as out:
-        pg.widen_pipe(out)
-        try:
-            fill(out)
-            out.flush()
-        except BrokenPipeError:
-            raise _Stopped from None
+    return _Job(_pg_restore(target, ["--format=custom", *_listed(folder, name, share)]), dump.feed_whole)
 
 
 class _Phase:
@@ -284,21 +302,28 @@ class _Phase:
         for job in self._jobs:
             if job.run is not None:
                 job.run.kill()
-            job.release()
 
     def _feed(self, job: _Job):
+        stdin = job.run.process.stdin
         try:
-            job.feed(job, self._stop)
-        except _Stopped:
-            pass
+            pg.widen_pipe(stdin)
+            job.feed(stdin, self._stop)
+        except BrokenPipeError:
+            # pg_restore ended before it read all it was given: its own error says why.
+            if not self._stop.is_set():
+                failure = job.run.failure(self.what, wait_seconds=30)
+                self._fail(
+                    failure
+                    or PgBackupError(f"{self.what} failed: pg_restore ended before reading all its input"),
+                    cause=False,
+                )
         except BaseException as error:
             # Once the load is stopping, a feeder's error (a pipe closed under it) is a
             # consequence, not the cause.
             self._fail(error, cause=not self._stop.is_set())
         finally:
-            if job.run.process.stdin is not None:
-                with contextlib.suppress(OSError):
-                    job.run.process.stdin.close()
+            with contextlib.suppress(OSError):
+                stdin.close()
 
     def run(self, jobs: list[_Job]):
         self._jobs = jobs
@@ -306,7 +331,9 @@ class _Phase:
         try:
             # Every pg_restore starts before any feeding thread does (see ToolRun).
             for job in jobs:
-                job.run = pg.ToolRun(job.argv, stdout=subprocess.DEVNULL, stdin=job.stdin, new_session=True)
+                job.run = pg.ToolRun(
+                    job.argv, stdout=subprocess.DEVNULL, stdin=subprocess.PIPE, new_session=True
+                )
             for job in jobs:
                 feeder = threading.Thread(target=self._feed, args=(job,), name="pgbackup-feed", daemon=True)
                 feeder.start()
@@ -317,7 +344,6 @@ class _Phase:
                     if job.run.process.poll() is None:
                         continue
                     pending.remove(job)
-                    job.release()
                     failure = job.run.failure(self.what, wait_seconds=0)
                     if failure is not None:
                         self._fail(failure, cause=False)
@@ -331,7 +357,6 @@ class _Phase:
             for job in jobs:
                 if job.run is not None and (self._causes or self._errors):
                     job.run.kill()
-                job.close()
         # A corrupt file is the cause; pg_restore's complaint about its input ending
         # early is the consequence.
         if self._causes or self._errors:

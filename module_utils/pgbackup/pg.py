@@ -356,7 +356,7 @@ class ToolRun:
         # program gone (EPIPE), not its pipe closed under it.
         if self.process.poll() is None:
             if self._group:
-                # pg_restore --jobs's workers too; the leader is not reaped yet, so the
+                # Any child it started too; the leader is not reaped yet, so the
                 # group's id is still its own.
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)

@@ -1,12 +1,15 @@
 """The header and table of contents of a pg_dump archive, read from a stream.
 
-A restore feeds pg_restore from pipes, never from a plaintext file: it needs to know
-which entries carry data (to share them among parallel loaders) and, for a custom
-archive, a directory archive's `toc.dat` holding the same entries (the one form that
-`pg_restore --jobs` reads from a pipe, since a directory archive's TOC is read once,
-up front). Both archive formats share this layout (pg_backup_archiver.c, ReadHead
-and ReadToc); they differ in one format byte and in each entry's format-specific
-field: a custom archive's data offset, a directory archive's data file name.
+A restore feeds pg_restore's standard input, never a plaintext file (nor a named
+pipe: pg_restore 15.20 and later refuse a directory archive's files unless they are
+regular files). It needs to know which entries carry data, to share them among
+parallel loaders, and it writes custom archives of its own: the same header and
+entries, followed by the data of the entries one loader restores, taken from a
+directory set's files. Both archive formats share this layout (pg_backup_archiver.c,
+ReadHead and ReadToc); they differ in one format byte and in each entry's
+format-specific field: a custom archive's data offset, a directory archive's data
+file name. Data blocks are those of pg_backup_custom.c, uncompressed (pgbackup dumps
+with --compress=0 and compresses as it encrypts).
 
 Archive versions 1.12 to 1.16 are read: what pg_dump 9.6 to 18 write.
 """
@@ -27,6 +30,9 @@ NEWEST_VERSION = (1, 16, 0)
 OFFSET_POS_NOT_SET = 1
 OFFSET_POS_SET = 2
 OFFSET_NO_DATA = 3
+# A custom archive's data block kinds (BLK_DATA, BLK_BLOBS).
+BLOCK_DATA = 1
+BLOCK_BLOBS = 3
 # teSection
 SECTION_NONE, SECTION_PRE_DATA, SECTION_DATA, SECTION_POST_DATA = 1, 2, 3, 4
 # Sane bounds, so that a corrupt length is an error rather than a huge allocation.
@@ -183,7 +189,7 @@ class _Writer:
         self.parts.append(bytes((value,)))
 
     def integer(self, value: int):
-        self.parts.append(bytes((1 if value < 0 else 0,)) + abs(value).to_bytes(self.int_size, "little"))
+        self.parts.append(encode_integer(value, self.int_size))
 
     def string(self, value: str | None):
         if value is None:
@@ -192,6 +198,11 @@ class _Writer:
         raw = value.encode("utf-8", "surrogateescape")
         self.integer(len(raw))
         self.parts.append(raw)
+
+
+def encode_integer(value: int, int_size: int) -> bytes:
+    """An integer as pg_dump writes one (WriteInt): a sign byte, then the magnitude."""
+    return bytes((1 if value < 0 else 0,)) + abs(value).to_bytes(int_size, "little")
 
 
 def data_file_name(archive: Archive, entry: Entry) -> str | None:
@@ -203,12 +214,17 @@ def data_file_name(archive: Archive, entry: Entry) -> str | None:
     return f"{entry.dump_id}.dat"
 
 
-def directory_toc(archive: Archive) -> bytes:
-    """The archive as a directory archive's toc.dat: every entry as it was, each data
-    entry naming the file pg_dump would have written for it."""
+def write_toc(archive: Archive, archive_format: int = FORMAT_CUSTOM, with_data=frozenset()) -> bytes:
+    """The archive's header and table of contents, every entry as it was read.
+
+    FORMAT_CUSTOM: the start of a custom archive for pg_restore's standard input, the
+    entries in `with_data` marked as having data that follows (in the order pg_restore
+    asks for it: see data_block), every other entry as having none. FORMAT_TOC_DAT: a
+    directory archive's toc.dat, each data entry naming its file.
+    """
     out = _Writer(archive.int_size)
     out.parts.append(MAGIC + bytes(archive.version))
-    for value in (archive.int_size, archive.off_size, FORMAT_TOC_DAT):
+    for value in (archive.int_size, archive.off_size, archive_format):
         out.byte(value)
     if archive.compression_is_byte:
         out.byte(archive.compression)
@@ -232,5 +248,20 @@ def directory_toc(archive: Archive) -> bytes:
         for dependency in entry.dependencies:
             out.string(dependency)
         out.string(None)
-        out.string(entry.file_name or data_file_name(archive, entry) or "")
+        if archive_format == FORMAT_TOC_DAT:
+            out.string(entry.file_name or data_file_name(archive, entry) or "")
+        else:
+            out.byte(OFFSET_POS_NOT_SET if entry.dump_id in with_data else OFFSET_NO_DATA)
+            out.parts.append(bytes(archive.off_size))
     return b"".join(out.parts)
+
+
+def data_block(archive: Archive, entry: Entry) -> bytes:
+    """The start of an entry's data block in a custom archive (_readBlockHeader): its
+    kind and dump id. Chunks follow, each its length (encode_integer) then its bytes,
+    and a length of 0 ends the data (so an empty chunk is never written); a large
+    object block holds, per object, its oid and its chunks with their end, and ends
+    with an oid of 0."""
+    return bytes((BLOCK_BLOBS if entry.desc == "BLOBS" else BLOCK_DATA,)) + encode_integer(
+        entry.dump_id, archive.int_size
+    )

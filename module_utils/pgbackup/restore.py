@@ -278,7 +278,6 @@ class DumpFiles:
         self._checked: set[str] = set()
         self._lock = threading.Lock()
         self._blob_files: dict[int, list[tuple[str, str]]] = {}
-        self._blob_tocs: dict[int, bytes] = {}
         self._require_listed_sizes()
 
     def _require_listed_sizes(self):
@@ -315,22 +314,30 @@ class DumpFiles:
         self._mark_checked(file_name)
         return data
 
-    def table_of_contents(self) -> tuple[pgarchive.Archive, bytes]:
-        """The archive's entries, and its TOC as a directory archive's toc.dat."""
+    def table_of_contents(self) -> pgarchive.Archive:
+        """The archive's header and entries (a directory set's toc.dat is checked whole
+        first; a custom set's is read from the front of its stream)."""
         if self.is_directory:
-            toc = self._read_whole("toc.dat")
-            return pgarchive.read_archive(io.BytesIO(toc).read, f"{self.name}/toc.dat"), toc
+            archive = pgarchive.read_archive(
+                io.BytesIO(self._read_whole("toc.dat")).read, f"{self.name}/toc.dat"
+            )
+            if archive.compression:
+                # Its data files would be .dat.gz; pgbackup dumps with --compress=0.
+                raise CorruptError(
+                    f"the dump of {self.name!r} in {self.set_path} says its data files are compressed, "
+                    "which pgbackup never writes"
+                )
+            return archive
         (entry,) = self._files.values()
         with CheckedFile(self.set_path, entry, self.keys, self.record) as plain:
-            archive = pgarchive.read_archive(plain.read, plain.path)
-        return archive, pgarchive.directory_toc(archive)
+            return pgarchive.read_archive(plain.read, plain.path)
 
     def size_of(self, entry: pgarchive.Entry) -> int:
         """What loading an entry's data costs, roughly: its plaintext size in a
         directory set, the table's size at backup time as the manifest has it in a
         custom one (0 when unknown or small)."""
         if self.is_directory:
-            return sum(self._files[name]["plaintext_size"] for name in self.pipe_names(entry))
+            return sum(self._files[name]["plaintext_size"] for name in self._file_names(entry))
         size = self._sizes.get(entry.catalog[1], 0) if isinstance(self._sizes, dict) else 0
         return size if isinstance(size, int) else 0
 
@@ -350,75 +357,63 @@ class DumpFiles:
             )
         return self._listed_name(name)
 
-    def _blobs(self, entry: pgarchive.Entry) -> list[tuple[str, str]]:
+    def _blobs(self, entry: pgarchive.Entry) -> list[tuple[int, str]]:
         """(oid, file name) of each large object of a BLOBS entry, from its checked list,
         read as pg_restore reads it (a line each, "<oid> blob_<oid>.dat")."""
         if entry.dump_id not in self._blob_files:
             list_name = self._data_file_name(entry)
             toc = self._read_whole(list_name)
-            self._blob_tocs[entry.dump_id] = toc
             objects = []
             for line in toc.split(b"\n"):
                 if not line:
                     continue
                 listed = _BLOB_LINE.fullmatch(line)
-                if not listed:
+                if not listed or not 0 < int(listed.group(1)) < 2**32:
                     raise CorruptError(
                         f"{list_name} of {self.name!r} in {self.set_path} is not a large object list: "
                         f"{line[:80]!r}"
                     )
-                objects.append((listed.group(1).decode(), self._listed_name(listed.group(2).decode())))
+                objects.append((int(listed.group(1)), self._listed_name(listed.group(2).decode())))
             self._blob_files[entry.dump_id] = objects
         return self._blob_files[entry.dump_id]
 
-    def pipe_names(self, entry: pgarchive.Entry) -> list[str]:
-        """The files pg_restore opens for an entry of a directory archive."""
+    def _file_names(self, entry: pgarchive.Entry) -> list[str]:
+        """A directory set's files that hold an entry's data."""
         if not entry.has_data:
             return []
         if entry.desc == "BLOBS":
             return [self._data_file_name(entry)] + [name for _, name in self._blobs(entry)]
         return [self._data_file_name(entry)]
 
-    def _fill_from(self, file_name: str):
-        def fill(out):
-            with CheckedFile(self.set_path, self._entry(file_name), self.keys, self.record) as plain:
-                for block in plain.blocks():
+    def _copy_chunks(self, file_name: str, archive: pgarchive.Archive, out):
+        """A file's plaintext as the chunks of a custom archive's data, each authenticated
+        before it is written, then the end of the data."""
+        with CheckedFile(self.set_path, self._entry(file_name), self.keys, self.record) as plain:
+            for block in plain.blocks():
+                if block:  # a length of 0 would end the data
+                    out.write(pgarchive.encode_integer(len(block), archive.int_size))
                     out.write(block)
-                # A file whose end does not check out fails here; the load then stops
-                # and its scratch database is dropped, whatever pg_restore made of it.
-                plain.finish()
-            self._mark_checked(file_name)
+            # A file whose end does not check out fails here; the load then stops and
+            # its scratch database is dropped, whatever pg_restore made of it.
+            plain.finish()
+        out.write(pgarchive.encode_integer(0, archive.int_size))
+        self._mark_checked(file_name)
 
-        return fill
-
-    def feed_entry(self, entry: pgarchive.Entry, write):
-        """Feed an entry's files to pg_restore: write(file_name, fill) opens its pipe."""
+    def feed_entry(self, entry: pgarchive.Entry, archive: pgarchive.Archive, out):
+        """Write a directory set's entry to out (a pg_restore's standard input) as a custom
+        archive's data block: a table's file, or each large object's with its oid."""
         if not entry.has_data:
             return
+        out.write(pgarchive.data_block(archive, entry))
         if entry.desc != "BLOBS":
-            name = self._data_file_name(entry)
-            write(name, self._fill_from(name))
+            self._copy_chunks(self._data_file_name(entry), archive, out)
             return
-        # pg_restore reads the list a line at a time, opening each object's file in
-        # between: the list goes through its pipe beside the objects', not before them.
-        list_name, toc = self._data_file_name(entry), self._blob_tocs[entry.dump_id]
-        errors: list[BaseException] = []
-
-        def write_list():
-            try:
-                write(list_name, lambda out: out.write(toc))
-            except BaseException as error:
-                errors.append(error)
-
-        listing = threading.Thread(target=write_list, name="pgbackup-feed-blobs", daemon=True)
-        listing.start()
-        for _oid, name in self._blobs(entry):
-            write(name, self._fill_from(name))
-        # Joined only once every object went through: on a failure the load stops
-        # pg_restore, which ends the list's writer (it may be blocked on its pipe).
-        listing.join()
-        if errors:
-            raise errors[0]
+        for oid, name in self._blobs(entry):
+            # pg_dump writes an Oid as a C int: one over 2^31 comes out negative.
+            signed = oid if oid < 2**31 else oid - 2**32
+            out.write(pgarchive.encode_integer(signed, archive.int_size))
+            self._copy_chunks(name, archive, out)
+        out.write(pgarchive.encode_integer(0, archive.int_size))
 
     def feed_whole(self, target, stop: threading.Event):
         """Stream a custom archive whole into target (a pg_restore's standard input);
