@@ -175,6 +175,7 @@ def seed_rich_database(dbname: str):
             CREATE TABLE billing.subscriptions (id bigserial PRIMARY KEY,
                                                 user_id uuid REFERENCES accounts.users(id),
                                                 plan text, price numeric(8,2));
+            CREATE INDEX subscriptions_plan ON billing.subscriptions (plan);
             CREATE VIEW billing.revenue AS
                 SELECT plan, sum(price) AS total FROM billing.subscriptions GROUP BY plan;
             GRANT USAGE ON SCHEMA billing TO app_reader;
@@ -195,6 +196,13 @@ def seed_rich_database(dbname: str):
             CREATE TRIGGER subscriptions_price BEFORE INSERT ON billing.subscriptions
                 FOR EACH ROW EXECUTE FUNCTION billing.no_null_price();
             COMMENT ON TRIGGER subscriptions_price ON billing.subscriptions IS 'prices are never null';
+            -- Two tables whose foreign keys point at each other, and a materialized view.
+            CREATE TABLE billing.plans (code text PRIMARY KEY, default_offer int);
+            CREATE TABLE billing.offers (id int PRIMARY KEY,
+                                         plan text NOT NULL REFERENCES billing.plans(code));
+            ALTER TABLE billing.plans ADD FOREIGN KEY (default_offer) REFERENCES billing.offers(id);
+            CREATE MATERIALIZED VIEW billing.plan_counts AS
+                SELECT plan, count(*) AS subscribers FROM billing.subscriptions GROUP BY plan;
         """)
         conn.execute("""
             INSERT INTO accounts.users
@@ -205,10 +213,29 @@ def seed_rich_database(dbname: str):
             SELECT id, CASE WHEN random() < 0.5 THEN 'basic' ELSE 'premium' END, 9.99 FROM accounts.users;
             INSERT INTO billing.plays
             SELECT id, date '2026-06-01' + (random() * 400)::int, (random() * 7200)::int FROM accounts.users;
+            INSERT INTO billing.plans VALUES ('basic', NULL), ('premium', NULL);
+            INSERT INTO billing.offers VALUES (1, 'basic'), (2, 'premium');
+            UPDATE billing.plans SET default_offer = CASE code WHEN 'basic' THEN 1 ELSE 2 END;
+            REFRESH MATERIALIZED VIEW billing.plan_counts;
+        """)
+        # Last: an event trigger logging DDL, which a restore must create only after the
+        # keys, indexes and triggers (else the log fills with the restore's own commands).
+        conn.execute("""
+            CREATE SCHEMA audit;
+            CREATE TABLE audit.ddl_log (command text);
+            CREATE FUNCTION audit.log_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$BEGIN
+                INSERT INTO audit.ddl_log SELECT command_tag FROM pg_event_trigger_ddl_commands();
+            END$$;
         """)
         conn.execute("SELECT lo_from_bytea(0, convert_to(repeat('poster-bytes ', 10000), 'UTF8'))")
         # An oid over 2^31: pg_dump writes it as a negative C int.
         conn.execute("SELECT lo_from_bytea(3000000001, convert_to(repeat('trailer ', 5000), 'UTF8'))")
+        # (Not REFRESH MATERIALIZED VIEW: pg_restore --jobs itself may run that beside it.)
+        conn.execute(
+            "CREATE EVENT TRIGGER log_ddl ON ddl_command_end"
+            " WHEN TAG IN ('ALTER TABLE', 'CREATE INDEX', 'CREATE TRIGGER', 'COMMENT')"
+            " EXECUTE FUNCTION audit.log_ddl()"
+        )
 
 
 def fingerprint(dbname: str) -> dict:
@@ -249,6 +276,9 @@ def fingerprint(dbname: str) -> dict:
             "inheritance": one(
                 "SELECT inhrelid::regclass::text, inhparent::regclass::text FROM pg_inherits ORDER BY 1"
             ),
+            "ddl_logged": one("SELECT command, count(*) FROM audit.ddl_log GROUP BY 1 ORDER BY 1"),
+            "event_triggers": one("SELECT evtname, evtevent, evtenabled FROM pg_event_trigger ORDER BY 1"),
+            "plan_counts": one("SELECT * FROM billing.plan_counts ORDER BY 1"),
             "plays": one("SELECT count(*), sum(seconds), min(played_on) FROM billing.plays"),
             "constraints": one(
                 "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint"

@@ -3,13 +3,14 @@
 In three phases, as `pg_restore --jobs` runs them: the schema before the data (one
 pg_restore), the data (--jobs pg_restore processes side by side, each loading its
 share of the tables, shared out by size, and building their indexes once loaded),
-then foreign keys and the rest (--jobs pg_restore processes, the entries that depend
-on one another kept together). Every pg_restore reads a custom archive from its
-standard input: a directory set's entries become one, written here (pgarchive) from
-its decrypted files; a custom set streams whole into each data loader, which skips
-the blocks of tables given to another. pg_restore 15.20 and later refuse named pipes
-in a directory archive, and `--jobs` needs a seekable file, so no directory archive
-and no --jobs are used.
+then foreign keys, triggers and the rest (one `pg_restore --jobs`, which orders them
+by its restore passes and never runs two that lock the same table at once). The
+schema and the data phases' pg_restore read a custom archive from standard input: a
+directory set's entries become one, written here (pgarchive) from its decrypted
+files; a custom set streams whole into each data loader, which skips the blocks of
+tables given to another. The final pass needs no data and a file it can seek and
+reopen: its header and entries alone, in memory (memfd), never on disk. (pg_restore
+15.20 and later refuse named pipes in a directory archive.)
 
 No plaintext reaches the disk (the lists of entries each pg_restore restores are the
 only files), and pg_restore reads only authenticated bytes; each file's final chunk,
@@ -51,11 +52,10 @@ def load_database(dump, target: str, jobs: int):
         return
     loads, final_pass = plan_load(archive, dump, jobs)
     log.info(
-        "loading %s into %s: schema, then data in %d loader(s), then foreign keys and the rest in %d",
+        "loading %s into %s: schema, then data in %d loader(s), then foreign keys and the rest",
         dump.name,
         target,
         len(loads),
-        len(final_pass),
     )
     with tempfile.TemporaryDirectory(prefix="pgbackup-restore-") as lists:
         _Phase(f"pg_restore of database {dump.name!r} (schema)").run(
@@ -71,32 +71,29 @@ def load_database(dump, target: str, jobs: int):
             _Phase(f"pg_restore of database {dump.name!r} (data)").run(loaders)
         dump.check_the_rest()
         if final_pass:
-            _Phase(f"pg_restore of database {dump.name!r} (foreign keys, triggers and the rest)").run(
-                [
-                    _schema_job(lists, f"post-data-{number}", archive, target, [], group)
-                    for number, group in enumerate(final_pass)
-                ]
-            )
+            with _in_memory(pgarchive.write_toc(archive)) as toc:
+                _Phase(f"pg_restore of database {dump.name!r} (foreign keys, triggers and the rest)").run(
+                    [_final_pass_job(lists, toc, target, final_pass, jobs)]
+                )
 
 
 def plan_load(
     archive: pgarchive.Archive, dump, jobs: int
-) -> tuple[list[list[pgarchive.Entry]], list[list[pgarchive.Entry]]]:
+) -> tuple[list[list[pgarchive.Entry]], list[pgarchive.Entry]]:
     """What each pg_restore after the schema's restores: the data loaders' lists (a share
     of the tables, then their indexes, built once their data is in while the others
-    still load, as pg_restore --jobs overlaps them), and the final pass's groups."""
+    still load, as pg_restore --jobs overlaps them), and the final pass's entries."""
     # A schema without data (functions, views only) has nothing to share out.
     shares = _share_out(archive, dump, jobs) if archive.data_entries() else []
     early = _indexes_of(archive, shares)
     sections = archive.sections()
     built_early = {entry.dump_id for own in early for entry in own}
-    rest = [
+    final_pass = [
         entry
         for entry in archive.entries
         if sections[entry.dump_id] == pgarchive.SECTION_POST_DATA and entry.dump_id not in built_early
     ]
-    loads = [share + own for share, own in zip(shares, early, strict=True)]
-    return loads, (_post_data_groups(archive, rest, dump, jobs) if rest else [])
+    return [share + own for share, own in zip(shares, early, strict=True)], final_pass
 
 
 def _share_out(archive: pgarchive.Archive, dump, jobs: int) -> list[list[pgarchive.Entry]]:
@@ -106,67 +103,15 @@ def _share_out(archive: pgarchive.Archive, dump, jobs: int) -> list[list[pgarchi
     first loader."""
     with_data = [entry for entry in archive.data_entries() if entry.has_data]
     count = max(1, min(jobs, len(with_data)))
-    shares = _largest_first(with_data, dump.size_of, count)
-    shares[0] += [entry for entry in archive.data_entries() if not entry.has_data]
-    return [_in_toc_order(archive, share) for share in shares]
-
-
-def _largest_first(items: list, size_of, count: int) -> list[list]:
-    """items shared among `count` lists, largest first to the least loaded."""
-    shares: list[list] = [[] for _ in range(count)]
+    shares: list[list[pgarchive.Entry]] = [[] for _ in range(count)]
     loads = [0] * count
-    for item in sorted(items, key=size_of, reverse=True):
+    for entry in sorted(with_data, key=dump.size_of, reverse=True):
         least = loads.index(min(loads))
-        shares[least].append(item)
-        loads[least] += max(size_of(item), 1)
-    return shares
-
-
-def _in_toc_order(archive: pgarchive.Archive, entries: list[pgarchive.Entry]) -> list[pgarchive.Entry]:
+        shares[least].append(entry)
+        loads[least] += max(dump.size_of(entry), 1)
+    shares[0] += [entry for entry in archive.data_entries() if not entry.has_data]
     order = {entry.dump_id: index for index, entry in enumerate(archive.entries)}
-    return sorted(entries, key=lambda entry: order[entry.dump_id])
-
-
-def _dependency_ids(entry: pgarchive.Entry) -> list[int]:
-    return [int(dependency) for dependency in entry.dependencies if dependency.isdigit()]
-
-
-def _post_data_groups(
-    archive: pgarchive.Archive, rest: list[pgarchive.Entry], dump, jobs: int
-) -> list[list[pgarchive.Entry]]:
-    """The final pass's entries in at most `jobs` groups, one pg_restore each, side by
-    side: entries that depend on one another (a comment on a trigger, a partition's
-    index attached to its parent's) stay in one group, in TOC order, and groups are
-    shared out by the size of the tables they touch (a foreign key's check reads its
-    table)."""
-    table_sizes = {
-        dependency: dump.size_of(entry)
-        for entry in archive.data_entries()
-        if entry.desc == "TABLE DATA"
-        for dependency in _dependency_ids(entry)
-    }
-    ids = {entry.dump_id for entry in rest}
-    parent = {dump_id: dump_id for dump_id in ids}
-
-    def root(dump_id: int) -> int:
-        while parent[dump_id] != dump_id:
-            parent[dump_id] = parent[parent[dump_id]]
-            dump_id = parent[dump_id]
-        return dump_id
-
-    for entry in rest:
-        for dependency in _dependency_ids(entry):
-            if dependency in ids:
-                parent[root(entry.dump_id)] = root(dependency)
-    together: dict[int, list[pgarchive.Entry]] = {}
-    for entry in rest:
-        together.setdefault(root(entry.dump_id), []).append(entry)
-
-    def size_of(group: list[pgarchive.Entry]) -> int:
-        return sum(table_sizes.get(dependency, 0) for entry in group for dependency in _dependency_ids(entry))
-
-    shares = _largest_first(list(together.values()), size_of, max(1, min(jobs, len(together))))
-    return [_in_toc_order(archive, [entry for group in share for entry in group]) for share in shares]
+    return [sorted(share, key=lambda entry: order[entry.dump_id]) for share in shares]
 
 
 # Post-data entries a loader may build as soon as its own tables are loaded.
@@ -233,9 +178,10 @@ class _Job:
     """One pg_restore reading a custom archive from its standard input, and what feeds it:
     feed(stdin, stop) writes the archive."""
 
-    def __init__(self, argv: list[str], feed):
+    def __init__(self, argv: list[str], feed, pass_fds: tuple[int, ...] = ()):
         self.argv = argv
         self.feed = feed
+        self.pass_fds = pass_fds
         self.run: pg.ToolRun | None = None
 
 
@@ -274,6 +220,29 @@ def _directory_job(folder, name, archive, target, share, dump) -> _Job:
     return _Job(_pg_restore(target, ["--format=custom", *_listed(folder, name, share)]), feed)
 
 
+@contextlib.contextmanager
+def _in_memory(data: bytes):
+    """A file descriptor of an anonymous file in memory holding data (memfd)."""
+    descriptor = os.memfd_create("pgbackup-toc", os.MFD_CLOEXEC)
+    try:
+        with open(descriptor, "wb", closefd=False) as memory:
+            memory.write(data)
+        yield descriptor
+    finally:
+        os.close(descriptor)
+
+
+def _final_pass_job(folder, toc: int, target, entries, jobs: int) -> _Job:
+    """pg_restore --jobs of entries without data, from the archive's header and entries
+    in memory (toc: a memfd), which it and its workers open as /proc/self/fd/N."""
+    options = ["--format=custom", f"--jobs={jobs}", *_listed(folder, "final-pass", entries)]
+
+    def feed(_stdin, _stop: threading.Event):
+        pass
+
+    return _Job(_pg_restore(target, [*options, f"/proc/self/fd/{toc}"]), feed, pass_fds=(toc,))
+
+
 def _custom_job(folder, name, target, share, dump) -> _Job:
     """pg_restore of the whole custom archive from its standard input, restoring only
     `share` (in the archive's order) and skipping every other block; everything when
@@ -306,7 +275,6 @@ class _Phase:
     def _feed(self, job: _Job):
         stdin = job.run.process.stdin
         try:
-            pg.widen_pipe(stdin)
             job.feed(stdin, self._stop)
         except BrokenPipeError:
             # pg_restore ended before it read all it was given: its own error says why.
@@ -332,7 +300,11 @@ class _Phase:
             # Every pg_restore starts before any feeding thread does (see ToolRun).
             for job in jobs:
                 job.run = pg.ToolRun(
-                    job.argv, stdout=subprocess.DEVNULL, stdin=subprocess.PIPE, new_session=True
+                    job.argv,
+                    stdout=subprocess.DEVNULL,
+                    stdin=subprocess.PIPE,
+                    new_session=True,
+                    pass_fds=job.pass_fds,
                 )
             for job in jobs:
                 feeder = threading.Thread(target=self._feed, args=(job,), name="pgbackup-feed", daemon=True)

@@ -286,11 +286,19 @@ class ToolRun:
     message always reaches the operator.
     """
 
-    def __init__(self, argv: list[str], stdout=None, stdin=subprocess.DEVNULL, new_session: bool = False):
+    def __init__(
+        self,
+        argv: list[str],
+        stdout=None,
+        stdin=subprocess.DEVNULL,
+        new_session: bool = False,
+        pass_fds: tuple[int, ...] = (),
+    ):
         """new_session: the program and any processes it forks (pg_restore --jobs)
         form a process group of their own, which kill() ends as a whole, and the
         kernel kills the program if pgbackup dies first (SIGKILL included): a loader
-        must not go on writing into a scratch database nobody will check."""
+        must not go on writing into a scratch database nobody will check. pass_fds:
+        descriptors the program inherits (as /proc/self/fd/N)."""
         self.argv = argv
         # Unnamed where the filesystem allows (O_TMPFILE); the prefix names it otherwise.
         self._stderr = tempfile.TemporaryFile(prefix="pgbackup-stderr-")  # noqa: SIM115 - lives as long as the process
@@ -304,6 +312,7 @@ class ToolRun:
                 stdout=stdout,
                 stderr=self._stderr,
                 start_new_session=new_session,
+                pass_fds=pass_fds,
                 preexec_fn=_die_with_parent() if new_session else None,  # noqa: PLW1509 - no threads run yet
             )
         except OSError as error:
@@ -356,7 +365,7 @@ class ToolRun:
         # program gone (EPIPE), not its pipe closed under it.
         if self.process.poll() is None:
             if self._group:
-                # Any child it started too; the leader is not reaped yet, so the
+                # pg_restore --jobs's workers too; the leader is not reaped yet, so the
                 # group's id is still its own.
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
