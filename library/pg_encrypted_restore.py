@@ -91,7 +91,7 @@ options:
 attributes:
   check_mode:
     support: full
-    details: Checks the manifest and key and the targets (existing, empty, in use) and reports the plan; decrypts nothing and writes nothing.
+    details: Checks the manifest and key, the targets (existing, empty, in use) and the server's free space, and reports the plan; decrypts nothing and writes nothing.
   diff_mode:
     support: none
 author:
@@ -132,6 +132,14 @@ databases:
   type: list
   elements: dict
   sample: [{"database": "streaming", "target": "streaming_restored", "kept_previous_as": null}]
+space:
+  description:
+    - The space the databases took at backup time (C(needed_bytes)) and the free space in the server's
+      data directory (C(free_bytes), null where it is not visible from the host the module runs on).
+      With O(space_check), check mode fails as the restore would when it is short.
+  returned: check mode
+  type: dict
+  sample: {"data_directory": "/var/lib/postgresql/15/main", "needed_bytes": 1610612736, "free_bytes": 42949672960}
 globals:
   description: Whether the globals were restored.
   returned: success, not in check mode
@@ -177,7 +185,9 @@ def main():
         # What is restored where: the plan (check mode) and the restore decide it alike.
         selection = {name: params[name] for name in ("databases", "target_db", "force")}
         if module.check_mode:
-            plan = restore.plan_restore(params["set_path"], keys, **selection)
+            plan = restore.plan_restore(
+                params["set_path"], keys, **selection, check_space=params["space_check"]
+            )
             module.exit_json(changed=True, **plan)
         report = restore.restore_set(
             params["set_path"],

@@ -406,6 +406,14 @@ def test_restore_is_refused_when_the_server_lacks_the_space(rich_set, key, recip
         record["databases"][0]["size_bytes"] = 1 << 60
 
     _resealed(path, recipients, too_large)
+    # The plan (the module's check mode) says so first, and tells both figures when told
+    # not to check.
+    with pytest.raises(RefusedError, match=r"not enough free space in .* need 1152921504606846976 bytes"):
+        restore.plan_restore(path, key, databases=[rich_db], target_db=rich_db + "_y")
+    space = restore.plan_restore(path, key, databases=[rich_db], target_db=rich_db + "_y", check_space=False)[
+        "space"
+    ]
+    assert space["needed_bytes"] == 1 << 60 and 0 < space["free_bytes"] < 1 << 60
     with pytest.raises(
         RefusedError, match=r"not enough free space in .* need 1152921504606846976 bytes"
     ) as refused:

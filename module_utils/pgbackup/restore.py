@@ -21,7 +21,7 @@ import threading
 from . import manifest, pg, pgarchive
 from .crypto import VERSION_PUBLIC_KEY, DecryptedReader, KeyRing, check_binding, check_structure, read_header
 from .errors import CorruptError, PgBackupError, RefusedError
-from .fsutil import check_set_folder, hold, open_no_follow, require_free_space
+from .fsutil import check_set_folder, free_bytes, hold, open_no_follow
 from .load import load_database
 from .retention import scan
 
@@ -488,12 +488,15 @@ def plan_restore(
     databases: list[str] | None = None,
     target_db: str | None = None,
     force: bool = False,
+    check_space: bool = True,
 ) -> dict:
     """What restore_set would do, and whether it would refuse; writes nothing."""
     set_path = resolve_set(set_path)
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
         record, _selected, targets, fates = _plan(set_path, keys, databases, target_db, force)
-        _drop_abandoned_scratch()
+        space = _server_space(targets)
+        if check_space:
+            _require_server_space(space)
     return {
         "set": set_path,
         "name": record["name"],
@@ -501,6 +504,7 @@ def plan_restore(
             {"database": database["name"], "target": target, "action": fates[target]}
             for database, target in targets
         ],
+        "space": space,
     }
 
 
@@ -525,7 +529,7 @@ def restore_set(
         # Every file's size is checked here, before anything is written anywhere.
         dumps = [DumpFiles(set_path, record, database, keys) for database, _target in targets]
         if check_space:
-            _require_server_space(targets)
+            _require_server_space(_server_space(targets))
         if include_globals:
             _restore_globals(set_path, record, keys)
             log.info("globals restored")
@@ -566,12 +570,12 @@ def _drop_abandoned_scratch():
                 conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, name))
 
 
-def _require_server_space(targets: list[tuple[dict, str]]):
-    """Refuse before loading anything when the server's data directory cannot hold the
-    restored databases: each as large as it was at backup time (the manifest's
-    size_bytes), or as its dump's plaintext where an older set does not say. A
-    replaced database is kept, so it frees nothing. Checked where pgbackup runs on
-    the server's host and can see its data directory; elsewhere it says so and goes on."""
+def _server_space(targets: list[tuple[dict, str]]) -> dict:
+    """What the restored databases need in the server's data directory, and what it has:
+    each as large as it was at backup time (the manifest's size_bytes), or as its
+    dump's plaintext where an older set does not say. A replaced database is kept, so
+    it frees nothing. free_bytes is None where pgbackup cannot see the data directory
+    (it runs on another host than the server)."""
     needed = sum(
         database["size_bytes"]
         if isinstance(database.get("size_bytes"), int)
@@ -580,16 +584,26 @@ def _require_server_space(targets: list[tuple[dict, str]]):
     )
     with pg.connect() as conn:
         data_directory = pg.data_directory(conn)
-    if not data_directory or not os.path.isdir(data_directory):
+    visible = bool(data_directory) and os.path.isdir(data_directory)
+    return {
+        "data_directory": data_directory if visible else None,
+        "needed_bytes": needed,
+        "free_bytes": free_bytes(data_directory) if visible else None,
+    }
+
+
+def _require_server_space(space: dict):
+    """Refuse before loading anything when the server's data directory cannot hold the
+    restored databases (see _server_space); where it is not visible, say so and go on."""
+    if space["free_bytes"] is None:
         log.info("the server's data directory is not visible from here: its free space was not checked")
         return
-    try:
-        require_free_space(data_directory, needed, "for the restored database(s)")
-    except PgBackupError as error:
+    if space["needed_bytes"] > space["free_bytes"]:
         raise RefusedError(
-            f"{error} (their size at backup time, bloat included); nothing was restored. "
-            "Free space, or restore anyway with --no-space-check"
-        ) from None
+            f"not enough free space in {space['data_directory']} for the restored database(s): need "
+            f"{space['needed_bytes']} bytes, have {space['free_bytes']} (their size at backup time, bloat "
+            "included); nothing was restored. Free space, or restore anyway with --no-space-check"
+        )
 
 
 def _restore_database(dump: DumpFiles, database: dict, target: str, fate: str, jobs: int) -> dict:
