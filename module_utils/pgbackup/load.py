@@ -61,10 +61,21 @@ def load_database(dump, target: str, jobs: int):
         _Phase(f"pg_restore of database {dump.name!r} (schema)").run(
             [_schema_job(lists, "schema", archive, target, ["--section=pre-data"], None)]
         )
+        # Of a custom set's loaders, each decrypting the file from its start, only the one
+        # that reads furthest reads on to its end to check it: the others stop once
+        # their pg_restore has its tables, rather than decrypt the rest beside it.
+        order = {entry.dump_id: index for index, entry in enumerate(archive.entries)}
+        furthest = max(
+            range(len(loads)),
+            key=lambda number: max(
+                (order[entry.dump_id] for entry in loads[number] if entry.has_data), default=-1
+            ),
+            default=None,
+        )
         loaders = [
             _directory_job(lists, f"data-{number}", archive, target, listed, dump)
             if dump.is_directory
-            else _custom_job(lists, f"data-{number}", target, listed, dump)
+            else _custom_job(lists, f"data-{number}", target, listed, dump, check_whole=number == furthest)
             for number, listed in enumerate(loads)
         ]
         if loaders:
@@ -243,11 +254,15 @@ def _final_pass_job(folder, toc: int, target, entries, jobs: int) -> _Job:
     return _Job(_pg_restore(target, [*options, f"/proc/self/fd/{toc}"]), feed, pass_fds=(toc,))
 
 
-def _custom_job(folder, name, target, share, dump) -> _Job:
+def _custom_job(folder, name, target, share, dump, check_whole: bool = True) -> _Job:
     """pg_restore of the whole custom archive from its standard input, restoring only
     `share` (in the archive's order) and skipping every other block; everything when
-    share is None."""
-    return _Job(_pg_restore(target, ["--format=custom", *_listed(folder, name, share)]), dump.feed_whole)
+    share is None. check_whole: see DumpFiles.feed_whole."""
+
+    def feed(stdin, stop: threading.Event):
+        dump.feed_whole(stdin, stop, check_whole=check_whole)
+
+    return _Job(_pg_restore(target, ["--format=custom", *_listed(folder, name, share)]), feed)
 
 
 class _Phase:

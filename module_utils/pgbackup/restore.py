@@ -415,9 +415,11 @@ class DumpFiles:
             self._copy_chunks(name, archive, out)
         out.write(pgarchive.encode_integer(0, archive.int_size))
 
-    def feed_whole(self, target, stop: threading.Event):
-        """Stream a custom archive whole into target (a pg_restore's standard input);
-        when pg_restore has what it needs and ends, read on to check the whole file."""
+    def feed_whole(self, target, stop: threading.Event, check_whole: bool = True):
+        """Stream a custom archive whole into target (a pg_restore's standard input),
+        each chunk authenticated before it is written. When pg_restore has what it needs
+        and ends: check_whole, read on to check the whole file (final chunk, size,
+        hash); else stop there, leaving that to the loader that reads furthest."""
         (file_name,) = self._files
         with CheckedFile(self.set_path, self._files[file_name], self.keys, self.record) as plain:
             for block in plain.blocks():
@@ -427,6 +429,8 @@ class DumpFiles:
                     try:
                         target.write(block)
                     except BrokenPipeError:
+                        if not check_whole:
+                            return
                         target = None
             plain.finish()
         self._mark_checked(file_name)
