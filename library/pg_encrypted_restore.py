@@ -91,7 +91,7 @@ options:
 attributes:
   check_mode:
     support: full
-    details: Checks the manifest and key, the targets (existing, empty, in use) and the server's free space, and reports the plan; decrypts nothing and writes nothing.
+    details: Checks the manifest and key, each file's header and size, the targets (existing, empty, in use) and the server's free space, and reports the plan; decrypts nothing and writes nothing.
   diff_mode:
     support: none
 author:
@@ -134,12 +134,19 @@ databases:
   sample: [{"database": "streaming", "target": "streaming_restored", "kept_previous_as": null}]
 space:
   description:
-    - The space the databases took at backup time (C(needed_bytes)) and the free space in the server's
-      data directory (C(free_bytes), null where it is not visible from the host the module runs on).
-      With O(space_check), check mode fails as the restore would when it is short.
+    - The space the databases took at backup time (C(needed_bytes)), and the free space in the server's
+      data directory (C(free_bytes)) counting what dropping C(would_drop) frees. C(data_directory) and
+      C(free_bytes) are null where the data directory is not visible from the host the module runs on.
+    - Returned whatever O(space_check) says; with it, check mode fails as the restore would when space is short.
   returned: check mode
   type: dict
   sample: {"data_directory": "/var/lib/postgresql/15/main", "needed_bytes": 1610612736, "free_bytes": 42949672960}
+would_drop:
+  description: Scratch databases left by restores that were killed, which the restore would drop first.
+  returned: check mode
+  type: list
+  elements: str
+  sample: []
 globals:
   description: Whether the globals were restored.
   returned: success, not in check mode

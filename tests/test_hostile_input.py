@@ -21,7 +21,7 @@ import time
 import psycopg
 import pytest
 from conftest import ROOT, connect, query, run_cli
-from pgbackup import backup, manifest, pg, physical, restore, retention
+from pgbackup import backup, crypto, manifest, pg, physical, restore, retention
 from pgbackup.errors import CorruptError, PgBackupError, RefusedError
 from pgbackup.sets import SetWriter
 
@@ -332,6 +332,15 @@ def test_scratch_database_of_a_killed_restore_is_dropped_by_the_next_one(cluster
     try:
         with psycopg.connect(dbname="postgres", autocommit=True) as restoring, psycopg.connect(dbname=busy):
             restoring.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (restore.SCRATCH_LOCK_CLASS, live))
+            # The plan (check mode) names what the restore would drop, and drops nothing.
+            plan = restore.plan_restore(
+                small_set["path"],
+                crypto.load_key(key_file),
+                databases=["postgres"],
+                target_db="restored_after_kill",
+            )
+            assert plan["would_drop"] == [abandoned]
+            assert abandoned in [row[0] for row in query("postgres", "SELECT datname FROM pg_database")]
             argv = ["restore", small_set["path"], "--key-file", key_file, "--database", "postgres"]
             result = run_cli("--verbose", *argv, "--target-db", "restored_after_kill")
             assert result.returncode == 0, result.stderr

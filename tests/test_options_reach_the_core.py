@@ -244,7 +244,7 @@ def test_every_module_option_reaches_the_core(name, check_mode, key_option, reco
             "recipients",
             "recipient_file",
         },
-        "pg_encrypted_restore": {"jobs", "globals", "space_check"},
+        "pg_encrypted_restore": {"jobs", "globals"},
     }.get(name, set())
     for option, shown in expected.items():
         if option in CONNECTION_ENV:

@@ -13,10 +13,12 @@ reopen: its header and entries alone, in memory (memfd), never on disk. (pg_rest
 15.20 and later refuse named pipes in a directory archive.)
 
 No plaintext reaches the disk (the lists of entries each pg_restore restores are the
-only files), and pg_restore reads only authenticated bytes; each file's final chunk,
-size and hash are checked before its data ends. Any failure stops every pg_restore at
-once. The caller renames the loaded database into place only after this returns,
-that is once every file of the dump has been checked.
+only files), and pg_restore reads only authenticated bytes. A directory set's file is
+checked whole (final chunk, size, hash) before its data ends; a custom set's, by the
+loader that reads furthest; any file still unchecked after the data is checked
+before the final pass. Any failure stops every pg_restore at once. The caller renames
+the loaded database into place only after this returns, that is once every file of
+the dump has been checked.
 """
 
 from __future__ import annotations
@@ -246,6 +248,10 @@ def _in_memory(data: bytes):
 def _final_pass_job(folder, toc: int, target, entries, jobs: int) -> _Job:
     """pg_restore --jobs of entries without data, from the archive's header and entries
     in memory (toc: a memfd), which it and its workers open as /proc/self/fd/N."""
+    if not os.path.isdir("/proc/self/fd"):
+        raise PgBackupError(
+            "restore needs /proc mounted: the final pg_restore reads its table of contents there"
+        )
     options = ["--format=custom", f"--jobs={jobs}", *_listed(folder, "final-pass", entries)]
 
     def feed(_stdin, _stop: threading.Event):

@@ -297,7 +297,9 @@ class ToolRun:
         """new_session: the program and any processes it forks (pg_restore --jobs)
         form a process group of their own, which kill() ends as a whole, and the
         kernel kills the program if pgbackup dies first (SIGKILL included): a loader
-        must not go on writing into a scratch database nobody will check. pass_fds:
+        must not go on writing into a scratch database nobody will check (its own forked
+        workers do not inherit that: one finishes its statement, and the next restore
+        drops the scratch database once no session is left in it). pass_fds:
         descriptors the program inherits (as /proc/self/fd/N)."""
         self.argv = argv
         # Unnamed where the filesystem allows (O_TMPFILE); the prefix names it otherwise.

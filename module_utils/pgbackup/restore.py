@@ -498,7 +498,12 @@ def plan_restore(
     set_path = resolve_set(set_path)
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
         record, _selected, targets, fates = _plan(set_path, keys, databases, target_db, force)
-        space = _server_space(targets)
+        # As the restore does, but dropping nothing: every file's header and size, then
+        # the space, counting what the abandoned scratch databases would free.
+        for database, _target in targets:
+            DumpFiles(set_path, record, database, keys)
+        abandoned = _abandoned_scratch(drop=False)
+        space = _server_space(targets, freed=sum(database["size_bytes"] for database in abandoned))
         if check_space:
             _require_server_space(space)
     return {
@@ -509,6 +514,7 @@ def plan_restore(
             for database, target in targets
         ],
         "space": space,
+        "would_drop": [database["database"] for database in abandoned],
     }
 
 
@@ -529,7 +535,7 @@ def restore_set(
         raise PgBackupError("--jobs must be at least 1")
     with hold(set_path, exclusive=False, wait=True, what=f"backup set {set_path}"):
         record, _selected, targets, fates = _plan(set_path, keys, databases, target_db, force)
-        _drop_abandoned_scratch()
+        _abandoned_scratch(drop=True)
         # Every file's size is checked here, before anything is written anywhere.
         dumps = [DumpFiles(set_path, record, database, keys) for database, _target in targets]
         if check_space:
@@ -555,30 +561,37 @@ def _scratch_lock(conn, name: str, wait: bool) -> bool:
     ).fetchone()[0]
 
 
-def _drop_abandoned_scratch():
-    """Drop what restores killed mid-load left (SIGKILL, a host that went down): scratch
-    databases whose lock no restore holds and which no session is in. Never fails the
-    restore that looks: what cannot be dropped is said, and left."""
+def _abandoned_scratch(drop: bool) -> list[dict]:
+    """Scratch databases that restores killed mid-load left (SIGKILL, a host that went
+    down): those whose lock no restore holds and which no session is in. drop: drop them,
+    never failing the restore that looks (what cannot be dropped is said, and left).
+    Returns those dropped, or that would be, with their sizes."""
+    found = []
     with pg.connect() as conn:
         for database in pg.list_databases(conn):
             name = database["name"]
             if not SCRATCH_NAME.fullmatch(name) or not _scratch_lock(conn, name, wait=False):
                 continue
             try:
-                if not pg.other_sessions(conn, name):
+                if pg.other_sessions(conn, name):
+                    continue
+                if drop:
                     pg.drop_database(conn, name)
                     log.warning("dropped %s, left by a restore that was killed while loading", name)
+                found.append({"database": name, "size_bytes": database["size_bytes"]})
             except PgBackupError as error:
                 log.warning("%s was left by a restore that was killed, and stays: %s", name, error)
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, name))
+    return found
 
 
-def _server_space(targets: list[tuple[dict, str]]) -> dict:
-    """What the restored databases need in the server's data directory, and what it has:
-    each as large as it was at backup time (the manifest's size_bytes), or as its
-    dump's plaintext where an older set does not say. A replaced database is kept, so
-    it frees nothing. free_bytes is None where pgbackup cannot see the data directory
+def _server_space(targets: list[tuple[dict, str]], freed: int = 0) -> dict:
+    """What the restored databases need in the server's data directory, and what it has
+    (plus `freed`, what dropping abandoned scratch databases would free): each as large
+    as it was at backup time (the manifest's size_bytes), or as its dump's plaintext
+    where an older set does not say. A replaced database is kept, so it frees nothing.
+    data_directory and free_bytes are None where pgbackup cannot see the data directory
     (it runs on another host than the server)."""
     needed = sum(
         database["size_bytes"]
@@ -592,7 +605,7 @@ def _server_space(targets: list[tuple[dict, str]]) -> dict:
     return {
         "data_directory": data_directory if visible else None,
         "needed_bytes": needed,
-        "free_bytes": free_bytes(data_directory) if visible else None,
+        "free_bytes": free_bytes(data_directory) + freed if visible else None,
     }
 
 
@@ -614,7 +627,7 @@ def _restore_database(dump: DumpFiles, database: dict, target: str, fate: str, j
     suffix = manifest.compact_time(manifest.utc_now())
     scratch = _fit_identifier(f"{SCRATCH_PREFIX}{os.getpid()}_", suffix)
     # Held until the scratch database is renamed or dropped: a live restore's database
-    # is never taken for a killed one's (see _drop_abandoned_scratch).
+    # is never taken for a killed one's (see _abandoned_scratch).
     # Not in the target: a session there would stop the rename (restoring `postgres`).
     with pg.connect(pg.admin_db_for(target)) as guard:
         _scratch_lock(guard, scratch, wait=True)
