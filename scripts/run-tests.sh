@@ -7,14 +7,22 @@ cd "$(dirname "$0")/.."
 
 trap 'scripts/dockerd.sh stop' EXIT
 
+mkdir -p .cache
+
+# Each stage's output also goes to .cache/<stage>.log. After a failure, the lines that
+# say why (pytest's failed tests and their assertions, Ansible's fatal tasks) are
+# repeated last, where a CI system that keeps only the tail still shows them.
 run_stage() {
     local name="$1"; shift
-    local start=$SECONDS
+    local start=$SECONDS log=".cache/$name.log"
     echo "==== stage: $name"
-    if "$@"; then
+    if "$@" 2>&1 | tee "$log"; then
         echo "==== stage: $name passed in $((SECONDS - start)) s"
     else
-        echo "==== stage: $name FAILED after $((SECONDS - start)) s"
+        echo "==== stage: $name FAILED after $((SECONDS - start)) s; why, from $log:"
+        sed 's/\x1b\[[0-9;]*m//g' "$log" \
+            | grep -E -A2 '(^|│ *)(FAILED|ERROR)( *$| [^-])|\.py:[0-9]+: [A-Za-z]*(Error|Exception)|fatal: \[' \
+            | grep -v -x -e '--' | tail -n 24 | cut -c1-400
         exit 1
     fi
 }

@@ -26,20 +26,28 @@ def lab_variable(name):
 
 def wait_for(check, seconds, what):
     """Poll check() every second until it returns something true (returned), at most
-    `seconds`; then fail naming what did not happen."""
+    `seconds`; then fail naming what did not happen and the last thing check() said.
+    A check that fails (a command that timed out while a cluster changes) is tried
+    again, as one that returned nothing is."""
     started = time.monotonic()
+    last = None
     while time.monotonic() - started < seconds:
-        value = check()
+        try:
+            value = check()
+        except (AssertionError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+            value, last = None, f"{type(error).__name__}: {error}"
+        else:
+            last = repr(value)
         if value:
             return value
         time.sleep(1)
-    raise AssertionError(f"{what}: not within {seconds} s")
+    raise AssertionError(f"{what}: not within {seconds} s; last: {last[:2000] if last else None}")
 
 
 def psql(host, query, db="postgres"):
     """One query as the postgres user over the local socket; its output, trimmed."""
     result = host.run("runuser -u postgres -- psql -XAtq -v ON_ERROR_STOP=1 -d %s -c %s", db, query)
-    assert result.rc == 0, f"{query}: {result.stderr}"
+    assert result.rc == 0, f"{host.backend.get_hostname()}: {query}: {result.stderr}"
     return result.stdout.strip()
 
 

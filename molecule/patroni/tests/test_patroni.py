@@ -22,6 +22,13 @@ PATRONI = "runuser -u postgres -- patronictl -c /etc/patroni/15-main.yml"
 # The provisioning plays for the cluster alone (etcd, PostgreSQL, Patroni).
 CLUSTER_PLAY = "playbooks/patroni.yml"
 WRITER_PASSFILE = "/root/.pgpass-writer"
+# The dynamic configuration after the failover tests; it differs from the base backup's.
+LATER_TIMINGS = {
+    "patroni_synchronous_mode": True,
+    "patroni_ttl": 20,
+    "patroni_loop_wait": 2,
+    "patroni_retry_timeout": 9,
+}
 WRITER_PASSWORD = "lab-writer-password-not-secret"  # noqa: S105 - a throwaway lab role
 # A client as an application runs one: it finds the leader among the members
 # (target_session_attrs), verifies its certificate, and records each acknowledged
@@ -87,11 +94,14 @@ def test_one_leader_and_two_streaming_replicas(host, members):
     state = wait_for(lambda: healthy(host), 120, "a healthy cluster")
     leader = leader_of(host)
     print(f"\ncluster: {[(m['Member'], m['Role'], m['State'], m['TL']) for m in state]}")
-    rows = psql(
-        members[leader],
-        "SELECT application_name, state, ssl FROM pg_stat_replication JOIN pg_stat_ssl USING (pid)",
+    expected = sorted(f"{name}|streaming|t" for name in MEMBERS if name != leader)
+    query = "SELECT application_name, state, ssl FROM pg_stat_replication JOIN pg_stat_ssl USING (pid)"
+    # Patroni 3.0 calls a replica "running" before it streams: wait for the walsenders.
+    wait_for(
+        lambda: sorted(psql(members[leader], query).splitlines()) == expected,
+        60,
+        f"both replicas streaming from {leader} over TLS",
     )
-    assert sorted(rows.splitlines()) == sorted(f"{name}|streaming|t" for name in MEMBERS if name != leader)
     for name, member in members.items():
         assert psql(member, "SELECT pg_is_in_recovery()") == ("f" if name == leader else "t")
         assert psql(member, "SHOW archive_command") == "/usr/local/bin/pgbackup wal-push %p"
@@ -113,13 +123,14 @@ def test_the_rest_api_wants_a_password_for_unsafe_endpoints(host):
 
 
 def test_cluster_status_reports_members_roles_timelines_and_lag(host, tmp_path):
+    wait_for(lambda: healthy(host), 60, "a healthy cluster")
     report = tmp_path / "status.json"
     done = playbook("playbooks/cluster_status.yml", variables={"cluster_status_file": str(report)})
     assert done.returncode == 0, done.output
     status = json.loads(report.read_text())
     leader = leader_of(host)
-    assert status[leader]["role"] == "primary"
-    assert {s["name"] for s in status[leader]["standbys"]} == set(MEMBERS) - {leader}
+    assert status[leader]["role"] == "primary", status
+    assert {s["name"] for s in status[leader]["standbys"]} == set(MEMBERS) - {leader}, status
     for name in MEMBERS:
         members = status[name]["patroni"]["members"]
         assert [m["name"] for m in members if m["role"] == "leader"] == [leader]
@@ -189,18 +200,39 @@ def failover(host, members, label, ttl, target) -> float:
     The dead leader's lock lives until ttl seconds after its last renewal (every
     loop_wait), so a failover takes between ttl - loop_wait and ttl, plus the
     promotion: the assertion allows ttl + 5 s; the target is printed beside the figure."""
+    # In synchronous mode only the member named in /sync may take over: without one,
+    # there would be no failover to measure.
+    wait_for(
+        lambda: healthy(host) and with_a_sync_standby(host),
+        60,
+        "a healthy cluster with a synchronous standby",
+    )
     old = leader_of(host)
+    assert old, cluster(host)
     client_name = next(name for name in MEMBERS if name != old)
     client = members[client_name]
     psql(members[old], "TRUNCATE acked", db="app")
     out = start_writer(client, seconds=ttl + 30)
-    time.sleep(5)
-    killed_at = time.time()
-    # The pattern does not match the shell running pkill itself.
-    members[old].run("pkill -KILL -f '^/usr/bin/python3 /usr/bin/patroni'; pkill -KILL -x postgres")
+    # Commits acknowledged before the kill, so that "none lost" has something to lose.
+    wait_for(
+        lambda: int(psql(members[old], "SELECT count(*) FROM acked", db="app")) >= 20,
+        30,
+        "the writer committing",
+    )
+    elections = etcd_term(host)
+    # The time of the kill on the container's clock, which the writer's times share; the
+    # pattern does not match the shell running pkill itself.
+    killed = members[old].run(
+        "pkill -KILL -f '^/usr/bin/python3 /usr/bin/patroni'; pkill -KILL -x postgres; date +%s.%N"
+    )
+    killed_at = float(killed.stdout.split()[-1])
     result = finished_writer(client, out, ttl + 120)
     by_others = [at for _, at, server in result["acked"] if server != old and at > killed_at]
-    assert by_others, f"no commit acknowledged by another member ({result['attempts']} attempts)"
+    assert by_others, (
+        f"no commit acknowledged by another member ({result['attempts']} attempts, last commit "
+        f"{max((at for _, at, _ in result['acked']), default=0) - killed_at:+.1f} s after the kill); "
+        f"cluster: {cluster(members[client_name])}; writer: {client.run('tail -n 5 /tmp/writer.log').stdout}"
+    )
     took = by_others[0] - killed_at
     acked = {number for number, _, _ in result["acked"]}
 
@@ -215,7 +247,11 @@ def failover(host, members, label, ttl, target) -> float:
         f"{len(acked)} commits acknowledged, {len(lost)} lost"
     )
     assert not lost, f"acknowledged but lost: {sorted(lost)[:20]}"
-    assert took <= ttl + 5, f"failover took {took:.1f} s, more than ttl ({ttl} s) + 5 s"
+    # An etcd election meanwhile renews every lease to a whole ttl (etcd 3.4): say so.
+    assert took <= ttl + 5, (
+        f"failover took {took:.1f} s, more than ttl ({ttl} s) + 5 s; "
+        f"etcd elections meanwhile: {etcd_term(host) - elections}"
+    )
 
     # The old leader comes back as a replica of the new one, rewound rather than cloned.
     members[old].run("systemctl start patroni@15-main")
@@ -227,6 +263,15 @@ def failover(host, members, label, ttl, target) -> float:
     rewound = "pg_rewind" in log or "rewind" in log
     print(f"{old} rejoined as a replica of {new} ({'pg_rewind' if rewound else 'no rewind needed'})")
     return took
+
+
+def etcd_term(host) -> int:
+    """etcd's raft term: it grows by one at each etcd leader election."""
+    result = host.run("ETCDCTL_API=3 etcdctl endpoint status -w json")
+    try:
+        return max(int(status["Status"]["raft_term"]) for status in json.loads(result.stdout))
+    except (ValueError, KeyError, TypeError):
+        return -1
 
 
 def set_cluster(**variables):
@@ -244,7 +289,13 @@ def test_failover_with_default_timings_loses_no_acknowledged_commit(host, member
 
 def test_failover_with_the_low_latency_timings(host, members, writer_ready):
     set_cluster(patroni_synchronous_mode=True, patroni_ttl=10, patroni_loop_wait=2, patroni_retry_timeout=4)
-    failover(host, members, "low latency: ttl 10, loop_wait 2, retry_timeout 4", ttl=10, target=15)
+    try:
+        failover(host, members, "low latency: ttl 10, loop_wait 2, retry_timeout 4", ttl=10, target=15)
+    finally:
+        # A retry_timeout of 4 s demotes a leader whose etcd stalls longer on this loaded
+        # machine: the later tests run with a wider margin (and loop_wait still short,
+        # since a stopping synchronous replica waits up to twice loop_wait).
+        set_cluster(**LATER_TIMINGS)
 
 
 def with_a_sync_standby(host):
@@ -261,16 +312,16 @@ def test_a_switchover_to_a_chosen_member(host, members):
     candidate = next(m["Member"] for m in state if m["Role"] == "Sync Standby")
     other = next(name for name in MEMBERS if name not in (leader, candidate))
     not_sync = playbook("playbooks/switchover.yml", variables={"patroni_switchover_candidate": other})
-    assert not_sync.returncode != 0 and "synchronous when the cluster is" in not_sync.output
-    assert leader_of(host) == leader
+    assert not_sync.returncode != 0 and "synchronous when the cluster is" in not_sync.output, not_sync.output
+    assert leader_of(host) == leader, cluster(host)
     done = playbook("playbooks/switchover.yml", variables={"patroni_switchover_candidate": candidate})
     assert done.returncode == 0, done.output
-    assert leader_of(host) == candidate
-    assert healthy(host)
+    assert leader_of(host) == candidate, cluster(host)
+    wait_for(lambda: healthy(host), 60, "a healthy cluster after the switchover")
     refused = playbook(
         "playbooks/switchover.yml", variables={"patroni_switchover_candidate": "no-such-member"}
     )
-    assert refused.returncode != 0 and "No switchover" in refused.output
+    assert refused.returncode != 0 and "No switchover" in refused.output, refused.output
 
 
 def test_backups_and_the_wal_archive_follow_the_leader(host, members):
@@ -282,23 +333,32 @@ def test_backups_and_the_wal_archive_follow_the_leader(host, members):
         result = members[name].run(f"{AS_CRON} /usr/local/bin/pgbackup run logical")
         assert result.rc == 0, result.stdout + result.stderr
         assert len(sets(host, "logical") - before) == (1 if name == leader else 0), name
-    timeline = int(psql(members[leader], "SELECT timeline_id FROM pg_control_checkpoint()"))
+    timeline = timeline_of(members[leader])
     assert timeline > 1
     archived_on(members[leader], timeline)
 
 
+def timeline_of(leader) -> int:
+    """The timeline the leader writes WAL on now (the last checkpoint's, in pg_control,
+    can still be the old one just after a promotion)."""
+    return int(psql(leader, "SELECT pg_walfile_name(pg_current_wal_lsn())")[:8], 16)
+
+
 def archived_on(leader, timeline):
-    """A segment of this timeline archived without a failure, and its history file."""
-    psql(leader, "SELECT pg_switch_wal()")
+    """The segment holding everything committed so far archived, on this timeline,
+    without a failure, and the timeline's history file."""
+    segment = psql(leader, "SELECT pg_walfile_name(pg_switch_wal())")
+    assert segment[:8] == f"{timeline:08X}", (segment, timeline)
     wait_for(
         lambda: (
-            psql(leader, "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")[:8]
-            == f"{timeline:08X}"
+            psql(leader, f"SELECT coalesce(last_archived_wal, '') >= '{segment}' FROM pg_stat_archiver")
+            == "t"
         ),
         60,
-        f"a segment of timeline {timeline} archived",
+        f"segment {segment} archived",
     )
-    assert psql(leader, "SELECT failed_count FROM pg_stat_archiver") == "0"
+    archiver = psql(leader, "SELECT failed_count, last_failed_wal, last_failed_time FROM pg_stat_archiver")
+    assert archiver.split("|")[0] == "0", f"archive failures (count|last wal|time): {archiver}"
     history = leader.run(f"find /var/backups/postgresql/wal -name '{timeline:08X}.history.enc'").stdout
     assert history.strip(), f"timeline {timeline}'s history file is not archived"
 
@@ -317,7 +377,7 @@ def test_point_in_time_recovery_of_the_whole_cluster(host, members):
     target = psql(members[leader], "SELECT now()")
     time.sleep(1)
     psql(members[leader], "DROP TABLE acked", db="app")  # the mistake
-    old_timeline = int(psql(members[leader], "SELECT timeline_id FROM pg_control_checkpoint()"))
+    old_timeline = timeline_of(members[leader])
     archived_on(members[leader], old_timeline)
 
     started = host.run("date -u '+%Y-%m-%d %H:%M:%S'").stdout.strip()
@@ -350,7 +410,7 @@ def test_point_in_time_recovery_of_the_whole_cluster(host, members):
     state = wait_for(lambda: healthy(host), 120, "a healthy cluster after the recovery")
     assert leader_of(host) == recovered
     old_leader, leader = leader, recovered
-    new_timeline = int(psql(members[leader], "SELECT timeline_id FROM pg_control_checkpoint()"))
+    new_timeline = timeline_of(members[leader])
     assert new_timeline > old_timeline
     assert {member["TL"] for member in state} == {new_timeline}, state
     for name, member in members.items():
@@ -368,7 +428,7 @@ def test_point_in_time_recovery_of_the_whole_cluster(host, members):
     # The inventory's dynamic configuration, not the base backup's (which predates
     # synchronous mode and the short timings).
     config = host.run(f"{PATRONI} show-config").stdout
-    assert "synchronous_mode: true" in config and "ttl: 10" in config, config
+    assert "synchronous_mode: true" in config and f"ttl: {LATER_TIMINGS['patroni_ttl']}" in config, config
     for name in set(MEMBERS) - {leader}:
         kept = members[name].run("ls -d /var/lib/postgresql/15/main.pre-pitr-*").stdout.split()
         assert len(kept) == 1, (name, kept)
@@ -378,4 +438,5 @@ def test_point_in_time_recovery_of_the_whole_cluster(host, members):
     wait_for(lambda: with_a_sync_standby(host), 60, "a synchronous standby after the recovery")
     switched = playbook("playbooks/switchover.yml")
     assert switched.returncode == 0, switched.output
-    assert leader_of(host) != leader and healthy(host)
+    assert leader_of(host) not in (leader, None), cluster(host)
+    wait_for(lambda: healthy(host), 60, "a healthy cluster after the switchover")
