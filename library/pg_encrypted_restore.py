@@ -8,11 +8,14 @@ DOCUMENTATION = r"""
 module: pg_encrypted_restore
 short_description: Verify and restore a pgbackup logical backup set
 description:
-  - Checks the set's manifest and decrypts every file the restore needs into a private staging
-    folder, authenticating each chunk and comparing each file with the manifest, before the
-    server is touched.
-  - Each database is restored into a scratch database and renamed into place at the end, so a
-    failed restore leaves the target as it was.
+  - Checks the set's manifest, and each file's header and size, before the server is touched;
+    writes no plaintext to disk. Each database loads into a scratch database of its own straight
+    from the decrypting pipes, every chunk authenticated before pg_restore reads it.
+  - The scratch databases are renamed into place together, in one transaction, only once every
+    file has checked out whole (final chunk, size, SHA-256): a set with a bad file anywhere, or
+    any other failure, replaces no database and leaves every target as it was.
+  - With O(globals=true) the roles and tablespaces are restored first, before the databases
+    load (their owners and grants name them); a bad database file found later does not undo them.
   - An existing non-empty target database is refused unless O(force=true); it is then kept under
     a new name (C(<name>_pre_restore_<time>)), never dropped. A target with open sessions is
     always refused.

@@ -462,6 +462,76 @@ def test_a_failure_in_the_last_chunk_of_the_last_table_leaves_the_target_untouch
     assert databases_named(rich_db + "_pre_restore_") == []
 
 
+@pytest.fixture
+def two_database_set(rich_db, new_db, tmp_path, recipients):
+    """A set of two databases, both to be restored over with --force."""
+    second = new_db("second")
+    query(
+        second, "CREATE TABLE plays AS SELECT g AS id, md5(g::text) AS title FROM generate_series(1, 5000) g"
+    )
+    record = backup.create_backup_set(str(tmp_path / "two"), recipients, databases=[rich_db, second])
+    for name in (rich_db, second):
+        query(name, "CREATE TABLE newer_than_backup (x int)")
+    return record["path"], [rich_db, second]
+
+
+def _untouched(names, rich_before):
+    """Every database as it was: each still has the table made after the backup (a
+    restored one would not), none was kept aside, no scratch database is left."""
+    for name in names:
+        assert query(name, "SELECT to_regclass('newer_than_backup') IS NOT NULL") == [(True,)], name
+        assert databases_named(name + "_pre_restore_") == []
+    assert fingerprint(names[0]) == rich_before
+    assert databases_named("pgbackup_restore_") == []
+
+
+def test_a_bad_file_in_the_last_database_replaces_none_of_them(two_database_set, key):
+    """The set's last database fails its final chunk after the first loaded whole:
+    the first is not swapped in either (the set is restored whole or not at all)."""
+    path, names = two_database_set
+    record = json.load(open(os.path.join(path, manifest.MANIFEST_NAME)))
+    last = record["databases"][-1]["files"][-1]
+    with open(os.path.join(path, last["path"]), "r+b") as handle:
+        handle.seek(-1, os.SEEK_END)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_END)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    before = fingerprint(names[0])
+    with pytest.raises(CorruptError, match="failed authentication"):
+        restore.restore_set(path, key, force=True, jobs=2)
+    _untouched(names, before)
+
+
+def test_the_swap_into_place_is_all_or_nothing(two_database_set, key, monkeypatch):
+    """A session that reaches the last target between the check for sessions and the
+    renames stops that rename: the first database's renames, done a moment before in
+    the same transaction, are undone with it."""
+    path, names = two_database_set
+    arrived = contextlib.ExitStack()
+    monkeypatch.setattr(restore.pg, "sessions_after_grace", lambda conn, name: [])
+    loading = restore.load_database
+
+    def load_then_a_session_arrives(dump, target, jobs):
+        loading(dump, target, jobs)
+        if dump.name == names[-1]:
+            arrived.enter_context(connect(names[-1]))
+
+    monkeypatch.setattr(restore, "load_database", load_then_a_session_arrives)
+    before = fingerprint(names[0])
+    with arrived, pytest.raises(PgBackupError, match=r"being accessed by other users.*nothing was replaced"):
+        restore.restore_set(path, key, force=True, jobs=2)
+    _untouched(names, before)
+
+
+def test_kept_names_of_long_targets_are_distinct():
+    """Two targets whose names share the part that fits before _pre_restore_<time>."""
+    names = ["customer_portal_production_report_" + region for region in ("eu", "us")]
+    kept = restore._kept_names(names, dict.fromkeys(names, "keep-previous"), "20261202T020000Z")
+    assert len(set(kept.values())) == 2
+    for name in kept.values():
+        assert len(name.encode()) <= 63 and restore.KEPT_NAME.search(name), name
+
+
 @pytest.mark.parametrize("dump_format", ["custom", "directory"])
 def test_a_database_without_data_restores(new_db, key, tmp_path, recipients, dump_format):
     """Functions and views only: nothing to share out among loaders."""

@@ -324,14 +324,25 @@ def test_pg_dumpall_failure_reaches_the_user_in_its_own_words(cluster, recipient
 def test_scratch_database_of_a_killed_restore_is_dropped_by_the_next_one(cluster, small_set, key_file):
     """A restore killed while loading leaves its scratch database (its plaintext went
     through pipes only). The next restore drops it: no restore holds its lock and no
-    session is in it. It keeps one whose lock a live restore holds (from any host), and
+    session is in it. It keeps one whose lock a live restore holds (from any host, and
+    from template1 as a restore of `postgres` does: advisory locks are per database), and
     one a session is still in."""
-    abandoned, live, busy = (f"pgbackup_restore_{pid}_20260101T000000Z" for pid in (11, 12, 13))
-    for name in (abandoned, live, busy):
+    # Named as scratch databases are now, and (abandoned, live_elsewhere) as they were
+    # before they were numbered.
+    abandoned, live_elsewhere = (f"pgbackup_restore_{pid}_20260101T000000Z" for pid in (11, 14))
+    live, busy = (f"pgbackup_restore_{pid}_0_20260101T000000Z" for pid in (12, 13))
+    for name in (abandoned, live, busy, live_elsewhere):
         query("postgres", f'CREATE DATABASE "{name}"')
     try:
-        with psycopg.connect(dbname="postgres", autocommit=True) as restoring, psycopg.connect(dbname=busy):
+        with (
+            psycopg.connect(dbname="postgres", autocommit=True) as restoring,
+            psycopg.connect(dbname="template1", autocommit=True) as restoring_postgres,
+            psycopg.connect(dbname=busy),
+        ):
             restoring.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (restore.SCRATCH_LOCK_CLASS, live))
+            restoring_postgres.execute(
+                "SELECT pg_advisory_lock(%s, hashtext(%s))", (restore.SCRATCH_LOCK_CLASS, live_elsewhere)
+            )
             # The plan (check mode) names what the restore would drop, and drops nothing.
             plan = restore.plan_restore(
                 small_set["path"],
@@ -347,9 +358,9 @@ def test_scratch_database_of_a_killed_restore_is_dropped_by_the_next_one(cluster
             assert f"dropped {abandoned}, left by a restore that was killed while loading" in result.stderr
             names = [row[0] for row in query("postgres", "SELECT datname FROM pg_database")]
             assert abandoned not in names
-            assert live in names and busy in names
+            assert live in names and busy in names and live_elsewhere in names
     finally:
-        for name in (abandoned, live, busy, "restored_after_kill"):
+        for name in (abandoned, live, busy, live_elsewhere, "restored_after_kill"):
             query("postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -165,10 +165,14 @@ def test_kept_databases_are_listed_left_out_of_dumps_and_dropped_on_request(
     assert kept.startswith(f"{app}_pre_restore_")
     listed = run_cli("list", "--dest", str(dest), check=True).stdout
     assert "databases kept by restore --force" in listed and kept in listed
-    # A backup of every database leaves the kept copy out...
+    # A backup of every database leaves the kept copy out, and a restore's scratch
+    # database (which that restore renames or drops)...
+    scratch = "pgbackup_restore_99_0_20260101T000000Z"
+    query("postgres", f'CREATE DATABASE "{scratch}"')
     everything = run_cli("backup", "--dest", str(dest), "--recipient", recipient_file, "--json", check=True)
     dumped = [database["name"] for database in json.loads(everything.stdout)["databases"]]
-    assert app in dumped and kept not in dumped
+    assert app in dumped and kept not in dumped and scratch not in dumped
+    query("postgres", f'DROP DATABASE "{scratch}"')
     # ...and it goes by name or by age, never another database.
     refused = run_cli("kept", "--database", app)
     assert refused.returncode == 3 and "not a database kept by restore --force" in refused.stderr

@@ -106,3 +106,19 @@ def test_what_is_not_a_readable_archive_is_refused_clearly(rich_archives, damage
     raw = damage(custom.read_bytes())
     with pytest.raises(CorruptError, match=message):
         pgarchive.read_archive(io.BytesIO(raw).read, "damaged.dump")
+
+
+@pytest.mark.parametrize(
+    "dependency", ["\u00b2", "12a", "9" * 4400, "-1"], ids=["superscript", "letters", "long", "sign"]
+)
+def test_a_dependency_that_is_not_a_dump_id_is_refused(rich_archives, dependency):
+    """pg_dump writes each dependency as a dump id in decimal; anything else (a digit
+    Python's isdigit takes and int() does not, a number too long to convert) is a
+    corrupt or crafted table of contents, refused as such rather than a crash later."""
+    custom, _directory = rich_archives
+    archive = pgarchive.read_archive(io.BytesIO(custom.read_bytes()).read, "rich.dump")
+    victim = next(entry for entry in archive.entries if entry.dependencies)
+    victim.dependencies[0] = dependency
+    crafted = pgarchive.write_toc(archive)
+    with pytest.raises(CorruptError, match=rf"entry {victim.dump_id} depends on .*, not a dump id"):
+        pgarchive.read_archive(io.BytesIO(crafted).read, "crafted.dump")

@@ -16,7 +16,7 @@ from . import manifest, pg
 from .crypto import Recipients, SymmetricKey
 from .errors import PgBackupError
 from .fsutil import fsync_dir
-from .restore import KEPT_NAME
+from .restore import KEPT_NAME, SCRATCH_NAME
 from .sets import SetWriter, build_set
 
 log = logging.getLogger("pgbackup")
@@ -64,8 +64,13 @@ def plan(databases: list[str] | None = None) -> dict:
         available = pg.list_databases(conn)
     if databases is None:
         # Databases an earlier restore --force kept aside are not backed up again by
-        # default; name one with --database to include it.
-        available = [database for database in available if not KEPT_NAME.search(database["name"])]
+        # default (name one with --database to include it), nor a restore's scratch
+        # databases, which it renames or drops.
+        available = [
+            database
+            for database in available
+            if not KEPT_NAME.search(database["name"]) and not SCRATCH_NAME.fullmatch(database["name"])
+        ]
     return {"server": server, "databases": manifest.select_databases(available, databases, "on the server")}
 
 

@@ -135,7 +135,7 @@ def _stop_on_sigterm(_signum, _frame):
 
 
 def cmd_restore(args):
-    # Stopped by the service manager or an operator: drop the scratch database and end
+    # Stopped by the service manager or an operator: drop the scratch databases and end
     # the loaders on the way out, as on any failure.
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     report = restore.restore_set(

@@ -147,7 +147,7 @@ def _indexes_of(
             for entry in entries
             if entry.desc == "TABLE DATA"
             for dependency in entry.dependencies
-            if dependency.isdigit() and getattr(by_id.get(int(dependency)), "desc", None) == "TABLE"
+            if getattr(by_id.get(int(dependency)), "desc", None) == "TABLE"
         }
 
     loaded = tables_of(archive.data_entries())
@@ -158,8 +158,9 @@ def _indexes_of(
         for entry in archive.entries:
             if sections[entry.dump_id] != pgarchive.SECTION_POST_DATA or entry.desc not in _OWN_TABLE_KINDS:
                 continue
-            dependencies = [int(d) for d in entry.dependencies if d.isdigit()]
-            if len(dependencies) != len(entry.dependencies) or not own.intersection(dependencies):
+            # Dump ids in decimal: pgarchive.read_archive refuses anything else.
+            dependencies = [int(d) for d in entry.dependencies]
+            if not own.intersection(dependencies):
                 continue
             if all(
                 d in own or (d in by_id and sections[d] == pgarchive.SECTION_PRE_DATA and d not in loaded)

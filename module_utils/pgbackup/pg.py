@@ -43,9 +43,9 @@ def dbname_conninfo(name: str) -> str:
     return f"dbname='{escaped}'"
 
 
-def admin_db_for(target: str) -> str:
-    """The database to connect to for CREATE/DROP/ALTER DATABASE on `target`."""
-    return FALLBACK_MAINTENANCE_DB if target == MAINTENANCE_DB else MAINTENANCE_DB
+def admin_db_for(*targets: str) -> str:
+    """The database to connect to for CREATE/DROP/ALTER DATABASE on the `targets`."""
+    return FALLBACK_MAINTENANCE_DB if MAINTENANCE_DB in targets else MAINTENANCE_DB
 
 
 def tool(name: str, major: int | None = None) -> str:

@@ -167,6 +167,9 @@ def read_archive(read, name: str) -> Archive:
         fields += [reader.string(), reader.string()]
         dependencies = []
         while (dependency := reader.string()) is not None:
+            # pg_dump writes each as a dump id in decimal ("%d").
+            if not (dependency.isascii() and dependency.isdigit() and len(dependency) <= 10):
+                raise CorruptError(f"{name}: entry {dump_id} depends on {dependency[:40]!r}, not a dump id")
             dependencies.append(dependency)
         entry = Entry(dump_id, had_dumper, catalog, tag, desc, section, fields, dependencies)
         if archive_format == FORMAT_CUSTOM:

@@ -11,6 +11,7 @@ are checked whole in memory before psql runs them.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -28,9 +29,11 @@ from .retention import scan
 log = logging.getLogger("pgbackup")
 
 _IDENTIFIER_BYTES = 63
-# What a restore loads into: pgbackup_restore_<pid>_<UTC time>, renamed when done.
+# What a restore loads into: pgbackup_restore_<pid>_<number>_<UTC time>, renamed when
+# done (<number>: the database's in the restore; "<number>e" names an empty target set
+# aside to be dropped; restores before 2026-12 wrote no number).
 SCRATCH_PREFIX = "pgbackup_restore_"
-SCRATCH_NAME = re.compile(rf"{SCRATCH_PREFIX}\d+_\d{{8}}T\d{{6}}Z")
+SCRATCH_NAME = re.compile(rf"{SCRATCH_PREFIX}\d+_(?:\d+e?_)?\d{{8}}T\d{{6}}Z")
 # The first key of the advisory lock a restore holds on its scratch database's name.
 SCRATCH_LOCK_CLASS = 0x70676272
 # The files a directory archive's TOC may name (pg_backup_directory.c), and the lines
@@ -274,6 +277,14 @@ class DumpFiles:
         self.name = database["name"]
         self.is_directory = database["format"] == "directory"
         self._files = {entry.get("name", entry["path"]): entry for entry in database["files"]}
+        if database["format"] not in ("custom", "directory") or (
+            not self.is_directory and len(database["files"]) != 1
+        ):
+            raise CorruptError(
+                f"the manifest of {set_path} says database {self.name!r} is a {database['format']!r} dump "
+                f"of {len(database['files'])} file(s); pgbackup writes a custom dump as one file, or a "
+                "directory dump; nothing was restored"
+            )
         self._sizes = database.get("relation_bytes", {})
         self._checked: set[str] = set()
         self._lock = threading.Lock()
@@ -541,24 +552,39 @@ def restore_set(
         if check_space:
             _require_server_space(_server_space(targets))
         if include_globals:
+            # Before the databases: their owners and grants name these roles.
             _restore_globals(set_path, record, keys)
             log.info("globals restored")
-        results = [
-            _restore_database(dump, database, target, fates[target], jobs)
-            for dump, (database, target) in zip(dumps, targets, strict=True)
-        ]
+        results = _load_then_swap(dumps, targets, fates, jobs)
     return {"set": set_path, "name": record["name"], "globals": include_globals, "databases": results}
 
 
 def _scratch_lock(conn, name: str, wait: bool) -> bool:
     """The advisory lock a restore holds, for as long as it works on a scratch database,
-    on that database's name: any session of the server, on any host, sees it held."""
+    on that database's name. wait=False: take it only if no session of the server holds
+    it, in any database (advisory locks are per database, and a restore of `postgres`
+    holds its locks from template1), on any host."""
     if wait:
         conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, name))
         return True
-    return conn.execute(
+    if not conn.execute(
         "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, name)
+    ).fetchone()[0]:
+        return False
+    held_elsewhere = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND classid = %s::oid AND objid = hashtext(%s)::oid AND objsubid = 2"
+        " AND pid <> pg_backend_pid())",
+        (SCRATCH_LOCK_CLASS, name),
     ).fetchone()[0]
+    if held_elsewhere:
+        _scratch_unlock(conn, name)
+        return False
+    return True
+
+
+def _scratch_unlock(conn, name: str):
+    conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, name))
 
 
 def _abandoned_scratch(drop: bool) -> list[dict]:
@@ -582,7 +608,7 @@ def _abandoned_scratch(drop: bool) -> list[dict]:
             except PgBackupError as error:
                 log.warning("%s was left by a restore that was killed, and stays: %s", name, error)
             finally:
-                conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (SCRATCH_LOCK_CLASS, name))
+                _scratch_unlock(conn, name)
     return found
 
 
@@ -623,59 +649,122 @@ def _require_server_space(space: dict):
         )
 
 
-def _restore_database(dump: DumpFiles, database: dict, target: str, fate: str, jobs: int) -> dict:
+def _load_then_swap(dumps: list[DumpFiles], targets: list[tuple[dict, str]], fates: dict, jobs: int):
+    """Load each database into a scratch database of its own; only once every one of them
+    has loaded and checked out whole, rename them all into place in one transaction. A
+    bad file anywhere in the set, or a failure of any kind, replaces nothing: the scratch
+    databases are dropped and every target stays as it was."""
     suffix = manifest.compact_time(manifest.utc_now())
-    scratch = _fit_identifier(f"{SCRATCH_PREFIX}{os.getpid()}_", suffix)
-    # Held until the scratch database is renamed or dropped: a live restore's database
-    # is never taken for a killed one's (see _abandoned_scratch).
-    # Not in the target: a session there would stop the rename (restoring `postgres`).
-    with pg.connect(pg.admin_db_for(target)) as guard:
-        _scratch_lock(guard, scratch, wait=True)
-        return _load_and_swap(dump, database, target, fate, jobs, scratch, suffix)
-
-
-def _load_and_swap(
-    dump: DumpFiles, database: dict, target: str, fate: str, jobs: int, scratch: str, suffix: str
-):
-    with pg.connect() as conn:
-        pg.create_database(conn, scratch, database)
+    names = [target for _database, target in targets]
+    kept = _kept_names(names, fates, suffix)
+    scratches: list[str] = []
     try:
-        load_database(dump, scratch, jobs)
+        with contextlib.ExitStack() as connections:
+            # Holds each scratch database's lock until it is renamed or dropped, so that no
+            # other restore takes a live one for a killed one's (see _abandoned_scratch).
+            # Locks only: a connection idle for hours may be gone by the end.
+            guard = connections.enter_context(pg.connect())
+            for number, (dump, (database, _target)) in enumerate(zip(dumps, targets, strict=True)):
+                scratch = _fit_identifier(f"{SCRATCH_PREFIX}{os.getpid()}_{number}_", suffix)
+                _scratch_lock(guard, scratch, wait=True)
+                with pg.connect() as conn:
+                    pg.create_database(conn, scratch, database)
+                scratches.append(scratch)
+                load_database(dump, scratch, jobs)
+            swap_db = pg.admin_db_for(*names)
+            swap = connections.enter_context(pg.connect(swap_db))
+            if swap_db != pg.MAINTENANCE_DB:
+                # `postgres` is restored: the locks move to template1 (advisory locks are
+                # per database), and the guard leaves `postgres`, whose rename it would stop.
+                for scratch in scratches:
+                    _scratch_lock(swap, scratch, wait=True)
+                guard.close()
+            return _swap_into_place(swap, scratches, targets, fates, kept, suffix)
     except BaseException:
-        with pg.connect() as conn:
-            pg.drop_database(conn, scratch, force=True)
+        _drop_scratch(scratches)
         raise
-    kept_as = None
-    with pg.connect(pg.admin_db_for(target)) as conn:
-        try:
-            sessions = pg.sessions_after_grace(conn, target) if fate != "create" else []
-            if sessions:
-                raise RefusedError(
-                    f"database {target!r} got open sessions during the restore ({'; '.join(sessions)}); "
-                    "nothing was replaced"
+
+
+def _kept_names(names: list[str], fates: dict, suffix: str) -> dict[str, str]:
+    """The name each target replaced with --force is kept under: <name>_pre_restore_<time>,
+    cut to fit, with the database's number where two cut names would be the same."""
+    kept = {}
+    for number, target in enumerate(names):
+        if fates[target] == "keep-previous":
+            name = _fit_identifier(target, f"{KEPT_MARK}{suffix}")
+            if name in kept.values():
+                name = _fit_identifier(target, f"_{number}{KEPT_MARK}{suffix}")
+            kept[target] = name
+    return kept
+
+
+def _drop_scratch(scratches: list[str]):
+    """Drop a failed restore's scratch databases, ending their loaders' sessions, on a
+    connection of its own (the one that failed may be gone). Never raises: the restore's
+    own error is the one to report, and what stays is dropped by the next restore (see
+    _abandoned_scratch)."""
+    if not scratches:
+        return
+    try:
+        with pg.connect() as conn:
+            for scratch in scratches:
+                try:
+                    pg.drop_database(conn, scratch, force=True)
+                except PgBackupError as error:
+                    log.warning("%s stays, for the next restore to drop: %s", scratch, error)
+    except PgBackupError as error:
+        log.warning("%s stay, for the next restore to drop: %s", ", ".join(scratches), error)
+
+
+# How long the swap waits for each database's lock (a CREATE DATABASE copying a target,
+# a session logging in) before it gives up, replacing nothing.
+SWAP_LOCK_TIMEOUT = "60s"
+
+
+def _swap_into_place(
+    conn,
+    scratches: list[str],
+    targets: list[tuple[dict, str]],
+    fates: dict,
+    kept: dict[str, str],
+    suffix: str,
+) -> list[dict]:
+    """Rename every scratch database to its target in one transaction (ALTER DATABASE
+    ... RENAME is transactional): all are in place, or none and the targets are as they
+    were. A target replaced with --force is kept under another name; an empty one is
+    renamed aside in the same transaction, and dropped after it."""
+    for _database, target in targets:
+        sessions = pg.sessions_after_grace(conn, target) if fates[target] != "create" else []
+        if sessions:
+            raise RefusedError(
+                f"database {target!r} got open sessions during the restore ({'; '.join(sessions)}); "
+                "nothing was replaced"
+            )
+    results, emptied = [], []
+    try:
+        with conn.transaction():
+            conn.execute(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}'")
+            for number, (scratch, (database, target)) in enumerate(zip(scratches, targets, strict=True)):
+                if fates[target] == "keep-previous":
+                    pg.rename_database(conn, target, kept[target])
+                elif fates[target] == "replace-empty":
+                    emptied.append(_fit_identifier(f"{SCRATCH_PREFIX}{os.getpid()}_{number}e_", suffix))
+                    pg.rename_database(conn, target, emptied[-1])
+                pg.rename_database(conn, scratch, target)
+                results.append(
+                    {"database": database["name"], "target": target, "kept_previous_as": kept.get(target)}
                 )
-            if fate == "keep-previous":
-                kept_as = _fit_identifier(target, f"{KEPT_MARK}{suffix}")
-                pg.rename_database(conn, target, kept_as)
-            elif fate == "replace-empty":
-                pg.drop_database(conn, target)
-        except PgBackupError:
-            pg.drop_database(conn, scratch)
-            raise
-        try:
-            pg.rename_database(conn, scratch, target)
-        except PgBackupError as error:
-            raise PgBackupError(
-                f"{error}; the restored data is in database {scratch!r}"
-                + (f" and the previous one in {kept_as!r}" if kept_as else "")
-            ) from None
-    log.info(
-        "database %s restored as %s%s",
-        database["name"],
-        target,
-        f" (previous one kept as {kept_as})" if kept_as else "",
-    )
-    return {"database": database["name"], "target": target, "kept_previous_as": kept_as}
+    except PgBackupError as error:
+        raise PgBackupError(f"{error}; nothing was replaced") from None
+    for result in results:
+        log.info(
+            "database %s restored as %s%s",
+            result["database"],
+            result["target"],
+            f" (previous one kept as {result['kept_previous_as']})" if result["kept_previous_as"] else "",
+        )
+    _drop_scratch(emptied)
+    return results
 
 
 def kept_databases() -> list[dict]:
