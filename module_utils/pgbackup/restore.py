@@ -665,7 +665,7 @@ def _load_then_swap(dumps: list[DumpFiles], targets: list[tuple[dict, str]], fat
             # Locks only: a connection idle for hours may be gone by the end.
             guard = connections.enter_context(pg.connect())
             for number, (dump, (database, _target)) in enumerate(zip(dumps, targets, strict=True)):
-                scratch = _fit_identifier(f"{SCRATCH_PREFIX}{os.getpid()}_{number}_", suffix)
+                scratch = _scratch_name(number, suffix)
                 _scratch_lock(guard, scratch, wait=True)
                 with pg.connect() as conn:
                     pg.create_database(conn, scratch, database)
@@ -683,6 +683,12 @@ def _load_then_swap(dumps: list[DumpFiles], targets: list[tuple[dict, str]], fat
     except BaseException:
         _drop_scratch(scratches)
         raise
+
+
+def _scratch_name(number: int, suffix: str, emptied_target: bool = False) -> str:
+    """A name SCRATCH_NAME matches, for this restore's database `number` (or, emptied_target,
+    for the empty target it sets aside to drop)."""
+    return _fit_identifier(f"{SCRATCH_PREFIX}{os.getpid()}_{number}{'e' if emptied_target else ''}_", suffix)
 
 
 def _kept_names(names: list[str], fates: dict, suffix: str) -> dict[str, str]:
@@ -748,7 +754,7 @@ def _swap_into_place(
                 if fates[target] == "keep-previous":
                     pg.rename_database(conn, target, kept[target])
                 elif fates[target] == "replace-empty":
-                    emptied.append(_fit_identifier(f"{SCRATCH_PREFIX}{os.getpid()}_{number}e_", suffix))
+                    emptied.append(_scratch_name(number, suffix, emptied_target=True))
                     pg.rename_database(conn, target, emptied[-1])
                 pg.rename_database(conn, scratch, target)
                 results.append(
