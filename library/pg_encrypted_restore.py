@@ -12,8 +12,8 @@ description:
     writes no plaintext to disk. Each database loads into a scratch database of its own straight
     from the decrypting pipes, every chunk authenticated before pg_restore reads it.
   - The scratch databases are renamed into place together, in one transaction, only once every
-    file has checked out whole (final chunk, size, SHA-256): a set with a bad file anywhere, or
-    any other failure, replaces no database and leaves every target as it was.
+    file has checked out whole (final chunk, size and SHA-256). A set with a bad file anywhere,
+    or any other failure, replaces no database and leaves every target as it was.
   - With O(globals=true) the roles and tablespaces are restored first, before the databases
     load (their owners and grants name them); a bad database file found later does not undo them.
   - An existing non-empty target database is refused unless O(force=true); it is then kept under
