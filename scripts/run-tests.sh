@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 trap 'scripts/dockerd.sh stop' EXIT
 
 mkdir -p .cache
+# Output goes through a pipe (tee): pytest would cut its summary lines at 80 columns,
+# and Python would hold back prints until a buffer fills.
+export COLUMNS=200 PYTHONUNBUFFERED=1
 
 # Each stage's output also goes to .cache/<stage>.log. After a failure, the lines that
 # say why (pytest's failed tests and their assertions, Ansible's fatal tasks) are
@@ -21,7 +24,7 @@ run_stage() {
     else
         echo "==== stage: $name FAILED after $((SECONDS - start)) s; why, from $log:"
         sed 's/\x1b\[[0-9;]*m//g' "$log" \
-            | grep -E -A2 '(^|│ *)(FAILED|ERROR)( *$| [^-])|\.py:[0-9]+: [A-Za-z]*(Error|Exception)|fatal: \[' \
+            | grep -E -A2 '(^|│ *)(FAILED|ERROR)( *$| [^-])|(^|│ )E {3}|\.py:[0-9]+: [A-Za-z]*(Error|Exception)|fatal: \[' \
             | grep -v -x -e '--' | tail -n 24 | cut -c1-400
         exit 1
     fi
