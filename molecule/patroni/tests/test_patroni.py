@@ -71,6 +71,11 @@ def cluster(host) -> list:
     return json.loads(result.stdout)
 
 
+def summary(state) -> list:
+    """Each member's name, role, state and timeline, for messages."""
+    return [(m["Member"], m["Role"], m["State"], m.get("TL")) for m in state]
+
+
 def leader_of(host) -> str | None:
     leaders = [member["Member"] for member in cluster(host) if member["Role"] == "Leader"]
     return leaders[0] if len(leaders) == 1 else None
@@ -85,13 +90,13 @@ def healthy(host, size=3):
     timelines = {member.get("TL") for member in state}
     if len(state) == size and roles.count("Leader") == 1 and running and len(timelines) == 1:
         return state
-    raise AssertionError(f"not healthy: {[(m['Member'], m['Role'], m['State'], m.get('TL')) for m in state]}")
+    raise AssertionError(f"not healthy: {summary(state)}")
 
 
 def test_one_leader_and_two_streaming_replicas(host, members):
     state = wait_for(lambda: healthy(host), 120, "a healthy cluster")
     leader = leader_of(host)
-    print(f"\ncluster: {[(m['Member'], m['Role'], m['State'], m['TL']) for m in state]}")
+    print(f"\ncluster: {summary(state)}")
     expected = sorted(f"{name}|streaming|t" for name in MEMBERS if name != leader)
     query = "SELECT application_name, state, ssl FROM pg_stat_replication JOIN pg_stat_ssl USING (pid)"
     # Patroni 3.0 calls a replica "running" before it streams: wait for the walsenders.
@@ -282,7 +287,7 @@ def elections_since(host, term) -> str:
 def state_of(host) -> str:
     """The cluster as patronictl lists it, or why it could not, for a failure's message."""
     try:
-        return str([(m["Member"], m["Role"], m["State"], m.get("TL")) for m in cluster(host)])
+        return str(summary(cluster(host)))
     except (AssertionError, ValueError) as error:
         return f"unknown ({error})"
 
@@ -294,7 +299,6 @@ def set_cluster(**variables):
 
 def test_failover_with_default_timings_loses_no_acknowledged_commit(host, members, writer_ready):
     set_cluster(patroni_synchronous_mode=True)
-    wait_for(lambda: any(m["Role"] == "Sync Standby" for m in cluster(host)), 60, "a synchronous standby")
     failover(
         host, members, "Patroni's default timings: ttl 30, loop_wait 10, retry_timeout 10", ttl=30, target=30
     )
