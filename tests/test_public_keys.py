@@ -267,28 +267,34 @@ def test_a_wrong_key_on_an_old_set_names_both_ids(tmp_path, key):
 # ---- what anyone with a public key can write: the reader's defences ---------------------
 
 
-def forged_set(dest, recipients, edit):
-    """A set made with the public key only, as someone who holds it and can write to the
+@pytest.fixture
+def forged_set(cluster, recipients):
+    """Make a set with the public key only, as someone who holds it and can write to the
     backup storage could make it, with its manifest edited by edit(record) and re-sealed."""
-    made = backup.create_backup_set(str(dest), recipients, databases=[])
-    record = json.load(open(os.path.join(made["path"], manifest.MANIFEST_NAME)))
-    edit(record)
-    for field in ("seal", "mac"):
-        record.pop(field)
-    json.dump(
-        manifest.seal(record, recipients), open(os.path.join(made["path"], manifest.MANIFEST_NAME), "w")
-    )
-    return made["path"]
+
+    def forge(dest, edit):
+        made = backup.create_backup_set(str(dest), recipients, databases=[])
+        manifest_path = os.path.join(made["path"], manifest.MANIFEST_NAME)
+        with open(manifest_path) as handle:
+            record = json.load(handle)
+        edit(record)
+        for field in ("seal", "mac"):
+            record.pop(field)
+        with open(manifest_path, "w") as handle:
+            json.dump(manifest.seal(record, recipients), handle)
+        return made["path"]
+
+    return forge
 
 
 @pytest.mark.parametrize(
     "path", ["../../escaped.sql", "/etc/passwd", "..", "db.dir/../../x", "a/b/c", "globals.sql.enc\n"]
 )
-def test_a_manifest_path_outside_the_set_is_refused_before_anything_is_read(recipients, key, tmp_path, path):
+def test_a_manifest_path_outside_the_set_is_refused_before_anything_is_read(forged_set, key, tmp_path, path):
     def edit(record):
         record["globals"]["path"] = path
 
-    forged = forged_set(tmp_path / "b", recipients, edit)
+    forged = forged_set(tmp_path / "b", edit)
     for attempt in (lambda: restore.verify_set(forged), lambda: restore.verify_set(forged, key)):
         with pytest.raises(CorruptError, match="not a plain path inside the set"):
             attempt()
@@ -296,7 +302,7 @@ def test_a_manifest_path_outside_the_set_is_refused_before_anything_is_read(reci
     assert not (tmp_path / "escaped.sql").exists()
 
 
-def test_a_directory_dump_file_name_that_climbs_out_of_staging_is_refused(recipients, key, tmp_path):
+def test_a_directory_dump_file_name_that_climbs_out_of_staging_is_refused(forged_set, key, tmp_path):
     def edit(record):
         record["databases"] = [
             {
@@ -306,10 +312,36 @@ def test_a_directory_dump_file_name_that_climbs_out_of_staging_is_refused(recipi
             }
         ]
 
-    forged = forged_set(tmp_path / "b", recipients, edit)
+    forged = forged_set(tmp_path / "b", edit)
     with pytest.raises(CorruptError, match="not a plain name"):
         restore.restore_set(forged, key, databases=["x"], target_db="never_made")
     assert not (tmp_path.parent / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("dump_format", "file_count", "refusal"),
+    [
+        ("custom", 0, "database 'x' lists no files"),
+        ("custom", 2, r"'custom' dump of 2 file\(s\).*nothing was restored"),
+        ("tar", 1, r"'tar' dump of 1 file\(s\).*nothing was restored"),
+    ],
+)
+def test_a_dump_whose_files_do_not_fit_its_format_is_refused_before_loading(
+    forged_set, key, tmp_path, dump_format, file_count, refusal
+):
+    """pgbackup writes a custom dump as one file; a manifest saying otherwise (or naming a
+    format it never writes) is refused before any database is created."""
+
+    def edit(record):
+        record["databases"] = [
+            {"name": "x", "format": dump_format, "files": [dict(record["globals"])] * file_count}
+        ]
+
+    forged = forged_set(tmp_path / "b", edit)
+    databases_before = query("postgres", "SELECT datname FROM pg_database ORDER BY 1")
+    with pytest.raises(CorruptError, match=refusal):
+        restore.restore_set(forged, key, databases=["x"], target_db="never_made")
+    assert query("postgres", "SELECT datname FROM pg_database ORDER BY 1") == databases_before
 
 
 @pytest.mark.parametrize(
@@ -323,9 +355,9 @@ def test_a_directory_dump_file_name_that_climbs_out_of_staging_is_refused(recipi
     ],
 )
 def test_a_manifest_with_fields_of_the_wrong_type_is_invalid_not_a_traceback(
-    recipients, tmp_path, field, value
+    forged_set, tmp_path, field, value
 ):
-    forged = forged_set(tmp_path / "b", recipients, lambda record: None)
+    forged = forged_set(tmp_path / "b", lambda record: None)
     record = json.load(open(os.path.join(forged, manifest.MANIFEST_NAME)))
     record[field] = value
     json.dump(record, open(os.path.join(forged, manifest.MANIFEST_NAME), "w"))
@@ -338,8 +370,8 @@ def test_a_manifest_with_fields_of_the_wrong_type_is_invalid_not_a_traceback(
     assert run_cli("keys", "--dest", str(tmp_path / "b")).returncode == 0
 
 
-def test_a_key_id_listed_twice_in_a_seal_is_refused(recipients, key, tmp_path):
-    forged = forged_set(tmp_path / "b", recipients, lambda record: None)
+def test_a_key_id_listed_twice_in_a_seal_is_refused(forged_set, key, tmp_path):
+    forged = forged_set(tmp_path / "b", lambda record: None)
     record = json.load(open(os.path.join(forged, manifest.MANIFEST_NAME)))
     record["seal"]["keys"] = record["seal"]["keys"] * 2
     json.dump(record, open(os.path.join(forged, manifest.MANIFEST_NAME), "w"))
