@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -204,6 +205,31 @@ def test_failed_restore_leaves_no_scratch_database(rich_set, key, tmp_path):
     try:
         with pytest.raises(PgBackupError, match="pg_restore of database"):
             restore.restore_set(path, key, databases=[rich_db], target_db=rich_db + "_x")
+    finally:
+        query("postgres", "ALTER ROLE app_owner_gone RENAME TO app_owner")
+    assert databases_named(rich_db + "_x") == []
+    assert databases_named("pgbackup_restore_") == []
+
+
+def test_without_pidfd_the_load_polls_and_still_restores_and_fails_cleanly(rich_set, key, monkeypatch):
+    """A kernel before Linux 5.3 has no pidfd_open: each load phase then polls its
+    pg_restore processes, with the same result and the same clean failure."""
+    rich_db, path = rich_set
+    refused = []
+
+    def no_pidfd(pid, flags=0):
+        refused.append(pid)
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    restore.restore_set(path, key, databases=[rich_db], target_db=rich_db + "_polled", jobs=2)
+    assert refused, "the load asked for a pidfd"
+    assert fingerprint(rich_db + "_polled") == fingerprint(rich_db)
+    with connect() as conn:
+        conn.execute("ALTER ROLE app_owner RENAME TO app_owner_gone")
+    try:
+        with pytest.raises(PgBackupError, match="pg_restore of database"):
+            restore.restore_set(path, key, databases=[rich_db], target_db=rich_db + "_x", jobs=2)
     finally:
         query("postgres", "ALTER ROLE app_owner_gone RENAME TO app_owner")
     assert databases_named(rich_db + "_x") == []

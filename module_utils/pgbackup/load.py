@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import subprocess
 import tempfile
 import threading
@@ -315,9 +316,24 @@ class _Phase:
             with contextlib.suppress(OSError):
                 stdin.close()
 
+    def _wait(self, jobs: list[_Job], exits: dict[int, _Job]):
+        """Until every pg_restore has ended, or the phase is stopping; a failed one
+        stops the others."""
+        pending = list(jobs)
+        while pending and not self._stop.is_set():
+            _wait_for_an_exit([descriptor for descriptor, job in exits.items() if job in pending])
+            for job in list(pending):
+                if job.run.process.poll() is None:
+                    continue
+                pending.remove(job)
+                failure = job.run.failure(self.what, wait_seconds=0)
+                if failure is not None:
+                    self._fail(failure, cause=False)
+
     def run(self, jobs: list[_Job]):
         self._jobs = jobs
         feeders = []
+        exits: dict[int, _Job] = {}
         try:
             # Every pg_restore starts before any feeding thread does (see ToolRun).
             for job in jobs:
@@ -328,30 +344,50 @@ class _Phase:
                     new_session=True,
                     pass_fds=job.pass_fds,
                 )
+            # Opened before any feeder can reap a process, so each pid is still its own.
+            exits = _exit_descriptors(jobs)
             for job in jobs:
                 feeder = threading.Thread(target=self._feed, args=(job,), name="pgbackup-feed", daemon=True)
                 feeder.start()
                 feeders.append(feeder)
-            pending = list(jobs)
-            while pending and not self._stop.is_set():
-                for job in list(pending):
-                    if job.run.process.poll() is None:
-                        continue
-                    pending.remove(job)
-                    failure = job.run.failure(self.what, wait_seconds=0)
-                    if failure is not None:
-                        self._fail(failure, cause=False)
-                time.sleep(0.05)
+            self._wait(jobs, exits)
             for feeder in feeders:
                 feeder.join()
         except BaseException as error:
             self._fail(error)
             raise
         finally:
+            for descriptor in exits:
+                os.close(descriptor)
             for job in jobs:
                 if job.run is not None and (self._causes or self._errors):
                     job.run.kill()
+
         # A corrupt file is the cause; pg_restore's complaint about its input ending
         # early is the consequence.
         if self._causes or self._errors:
             raise (self._causes or self._errors)[0]
+
+
+def _exit_descriptors(jobs: list[_Job]) -> dict[int, _Job]:
+    """A pidfd for each job's pg_restore, readable once it has ended: a phase of a small
+    database takes milliseconds, and polling would add its interval to each of the three.
+    Empty where the kernel has no pidfd_open (before Linux 5.3): then the phase polls."""
+    exits: dict[int, _Job] = {}
+    try:
+        for job in jobs:
+            exits[os.pidfd_open(job.run.process.pid)] = job
+    except (AttributeError, OSError):
+        for descriptor in exits:
+            os.close(descriptor)
+        return {}
+    return exits
+
+
+def _wait_for_an_exit(descriptors: list[int]):
+    """Until one of the processes behind descriptors ends; a second at most, so that a
+    stop asked by a feeder is seen even if a killed process lingers."""
+    if descriptors:
+        select.select(descriptors, [], [], 1.0)
+    else:
+        time.sleep(0.05)
