@@ -7,6 +7,7 @@ cron does on a host: libpq environment plus a passfile, never a password on argv
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "module_utils"))
 
-from pgbackup import crypto  # noqa: E402
+from pgbackup import crypto, manifest  # noqa: E402
 from pgcluster import TempCluster  # noqa: E402
 
 
@@ -118,6 +119,19 @@ def version1_key_file(path) -> str:
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
         handle.write(os.urandom(crypto.KEY_BYTES).hex() + "\n")
     return str(path)
+
+
+def reseal(path, recipients, edit):
+    """The set's manifest edited by edit(record) and sealed again, as its writer would:
+    what someone who holds the public key and can write to the backup storage can do."""
+    manifest_path = os.path.join(path, manifest.MANIFEST_NAME)
+    with open(manifest_path) as handle:
+        record = json.load(handle)
+    edit(record)
+    for field in ("seal", "mac"):
+        record.pop(field)
+    with open(manifest_path, "w") as handle:
+        json.dump(manifest.seal(record, recipients), handle)
 
 
 def run_cli(*args, check=False, env=None, timeout=300, stdin=None, stdout=subprocess.PIPE):

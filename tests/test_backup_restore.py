@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, connect, fingerprint, query, run_cli, seed_rich_database
+from conftest import ROOT, connect, fingerprint, query, reseal, run_cli, seed_rich_database
 from pgbackup import backup, crypto, load, manifest, pgarchive, restore, retention
 from pgbackup.errors import CorruptError, PgBackupError, RefusedError, WrongKeyError
 
@@ -411,18 +411,6 @@ def test_full_disk_fails_clearly_and_keeps_earlier_sets(rich_db, key, tiny_disk,
     restore.verify_set(small["path"], key)
 
 
-def _resealed(path, recipients, edit):
-    """The set's manifest edited by edit(record) and sealed again, as its writer would."""
-    manifest_path = os.path.join(path, manifest.MANIFEST_NAME)
-    with open(manifest_path) as handle:
-        record = json.load(handle)
-    edit(record)
-    for field in ("seal", "mac"):
-        record.pop(field)
-    with open(manifest_path, "w") as handle:
-        json.dump(manifest.seal(record, recipients), handle)
-
-
 def test_restore_is_refused_when_the_server_lacks_the_space(rich_set, key, recipients):
     """The database at backup time was larger than the server's free space: refused
     before any database is created, naming both figures."""
@@ -431,7 +419,7 @@ def test_restore_is_refused_when_the_server_lacks_the_space(rich_set, key, recip
     def too_large(record):
         record["databases"][0]["size_bytes"] = 1 << 60
 
-    _resealed(path, recipients, too_large)
+    reseal(path, recipients, too_large)
     # The plan (the module's check mode) says so first, and tells both figures when told
     # not to check.
     with pytest.raises(RefusedError, match=r"not enough free space in .* need 1152921504606846976 bytes"):
@@ -603,7 +591,7 @@ def test_a_data_file_name_that_is_a_path_is_refused_before_any_pipe_is_made(
         entry["sha256"] = hashlib.sha256(encrypted.getvalue()).hexdigest()
         entry["plaintext_size"] = len(pgarchive.write_toc(archive, pgarchive.FORMAT_TOC_DAT))
 
-    _resealed(path, recipients, rewrite)
+    reseal(path, recipients, rewrite)
     with pytest.raises(CorruptError, match="which pg_dump never does"):
         restore.restore_set(path, key, databases=[rich_db], target_db=rich_db + "_never")
     assert not victim.exists()

@@ -13,7 +13,7 @@ import uuid
 
 import psycopg
 import pytest
-from conftest import connect, fingerprint, query, run_cli, seed_rich_database, version1_key_file
+from conftest import connect, fingerprint, query, reseal, run_cli, seed_rich_database, version1_key_file
 from pgbackup import backup, crypto, manifest, restore, retention
 from pgbackup.errors import CorruptError, WrongKeyError
 
@@ -274,14 +274,7 @@ def forged_set(cluster, recipients):
 
     def forge(dest, edit):
         made = backup.create_backup_set(str(dest), recipients, databases=[])
-        manifest_path = os.path.join(made["path"], manifest.MANIFEST_NAME)
-        with open(manifest_path) as handle:
-            record = json.load(handle)
-        edit(record)
-        for field in ("seal", "mac"):
-            record.pop(field)
-        with open(manifest_path, "w") as handle:
-            json.dump(manifest.seal(record, recipients), handle)
+        reseal(made["path"], recipients, edit)
         return made["path"]
 
     return forge
