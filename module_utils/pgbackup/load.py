@@ -362,7 +362,6 @@ class _Phase:
             for job in jobs:
                 if job.run is not None and (self._causes or self._errors):
                     job.run.kill()
-
         # A corrupt file is the cause; pg_restore's complaint about its input ending
         # early is the consequence.
         if self._causes or self._errors:
