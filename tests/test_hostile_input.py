@@ -411,6 +411,10 @@ def test_a_restore_stopped_mid_load_leaves_nothing_the_next_cannot_clear(
     result = run_cli("--verbose", *argv)
     assert result.returncode == 0, result.stderr
     assert ("left by a restore that was killed while loading" in result.stderr) == (stop == signal.SIGKILL)
+    # --verbose tells the operator where a restore's time went, phase by phase (this
+    # database has nothing after its data).
+    for phase in ("schema", "data"):
+        assert f"({phase}): done in " in result.stderr, result.stderr
     assert not query("postgres", scratch)
     query("postgres", f'DROP DATABASE IF EXISTS "{name}_x"')
 

@@ -332,6 +332,7 @@ class _Phase:
 
     def run(self, jobs: list[_Job]):
         self._jobs = jobs
+        started = time.monotonic()
         feeders = []
         exits: dict[int, _Job] = {}
         try:
@@ -366,6 +367,7 @@ class _Phase:
         # early is the consequence.
         if self._causes or self._errors:
             raise (self._causes or self._errors)[0]
+        log.info("%s: done in %.1f s", self.what, time.monotonic() - started)
 
 
 def _exit_descriptors(jobs: list[_Job]) -> dict[int, _Job]:
