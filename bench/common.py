@@ -12,12 +12,12 @@ import statistics
 import subprocess
 import sys
 
+import psycopg
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "module_utils"))
-
-from pgcluster import PG_BIN  # noqa: E402 (found through the path set above)
 
 DB = "streaming"
 
@@ -40,10 +40,8 @@ def _timed_run(shell: str, workdir: str, reset: str) -> tuple[float, int]:
     # neither the server's (a checkpoint the last run's WAL left due would land in this
     # one) nor the kernel's.
     if "PGHOST" in os.environ:
-        subprocess.run(
-            [os.path.join(PG_BIN, "psql"), "-X", "-q", "--no-password", "-d", "postgres", "-c", "CHECKPOINT"],
-            check=True,
-        )
+        with psycopg.connect(dbname="postgres", autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
     subprocess.run(["sync"], check=True)
     subprocess.run(
         ["/usr/bin/time", "-f", "%e %M", "-o", timing, "bash", "-o", "pipefail", "-c", shell],
