@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -48,6 +49,16 @@ def rich_set(rich_db, key, tmp_path, recipients):
     return rich_db, record["path"]
 
 
+def dump_of(database, key, tmp_path, recipients, dump_format, folder="b"):
+    """A one-database set's dump as the loader reads it, and its table of contents."""
+    path = backup.create_backup_set(
+        str(tmp_path / folder), recipients, databases=[database], dump_format=dump_format
+    )["path"]
+    record = manifest.load(path)
+    dump = restore.DumpFiles(path, record, record["databases"][0], key)
+    return dump, dump.table_of_contents()
+
+
 # ---- round trips -------------------------------------------------------------------
 
 
@@ -77,13 +88,8 @@ def test_every_entry_after_the_data_is_restored_once_early_or_in_the_final_pass(
     (foreign keys between two tables both ways, a partitioned table's index and its
     attachments, a trigger and its comment, a materialized view's refresh, an event
     trigger) is left to the final pass, whose pg_restore --jobs orders it."""
-    path = backup.create_backup_set(
-        str(tmp_path / "b"), recipients, databases=[rich_db], dump_format=dump_format
-    )["path"]
-    record = manifest.load(path)
-    dump = restore.DumpFiles(path, record, record["databases"][0], key)
-    archive = dump.table_of_contents()
-    loads, final_pass = load.plan_load(archive, dump, jobs=2)
+    dump, archive = dump_of(rich_db, key, tmp_path, recipients, dump_format)
+    loads, final_pass, _dealt = load.plan_load(archive, dump, jobs=2)
     assert len(loads) == 2
     early = [entry for listed in loads for entry in listed if entry.section != pgarchive.SECTION_DATA]
     assert {entry.desc for entry in early} == {"INDEX", "CONSTRAINT"}
@@ -100,6 +106,123 @@ def test_every_entry_after_the_data_is_restored_once_early_or_in_the_final_pass(
         entry.dump_id for entry in archive.entries if sections[entry.dump_id] == pgarchive.SECTION_POST_DATA
     ]
     assert sorted(entry.dump_id for entry in early + final_pass) == sorted(post_data)
+
+
+# Rows a cut at the wrong byte would break: escaped newlines, tabs and backslashes in
+# text, multibyte characters, NULLs, jsonb, a long value now and then, and rows of
+# 2560 to 2815 bytes, whose chunk length in a custom archive holds a newline byte.
+_AWKWARD_ROWS = """
+    INSERT INTO plays (title, note, detail)
+    SELECT 'tïtle ' || g || E'\\n' || md5(g::text),
+           CASE WHEN g % 7 = 0 THEN NULL ELSE E'line one\\nline two\\ttab \\\\ backslash ' || g END,
+           jsonb_build_object('g', g, 'text', E'a\\nb', 'pad', repeat('x', CASE WHEN g % 997 = 0 THEN 5000
+                                                                  WHEN g % 13 = 0 THEN 2500 ELSE 40 END))
+    FROM generate_series(1, ROWS) g
+"""
+
+
+def _plays(dbname):
+    return query(dbname, "SELECT count(*), md5(string_agg(p::text, '|' ORDER BY id)) FROM plays p")
+
+
+@pytest.mark.parametrize("dump_format", ["custom", "directory"])
+def test_the_largest_table_is_dealt_to_every_loader_row_for_row(
+    new_db, key, tmp_path, recipients, monkeypatch, caplog, dump_format
+):
+    """The largest table's file is cut into pieces of whole rows, each taken by the
+    loader ready for one: both loaders take pieces (one of them also owns a smaller
+    table), and the restored table holds the same rows, byte for byte, with its key and
+    index built once and its foreign key checked."""
+    source = new_db("dealt")
+    query(
+        source,
+        "CREATE TABLE titles (id int PRIMARY KEY, name text);"
+        " INSERT INTO titles SELECT g, 'title ' || g FROM generate_series(1, 1000) g;"
+        " CREATE TABLE plays (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+        " title_id int REFERENCES titles (id) DEFAULT 1, title text, note text, detail jsonb);"
+        " CREATE INDEX plays_title ON plays (title_id, title)",
+    )
+    query(source, _AWKWARD_ROWS.replace("ROWS", "40000"))
+    monkeypatch.setattr(load, "DEAL_MIN_BYTES", 1 << 20)
+    dump, archive = dump_of(source, key, tmp_path, recipients, dump_format)
+    loads, final_pass, dealt = load.plan_load(archive, dump, jobs=2)
+    assert (dealt.desc, dealt.tag) == ("TABLE DATA", "plays")
+    assert all(dealt in listed for listed in loads) and len(loads) == 2
+    for listed in loads:
+        # After the loader's own data, before any index: the dealt COPY is the long one.
+        sections = [entry.section for entry in listed]
+        assert sections == sorted(sections)
+    assert [entry.desc for entry in final_pass] == ["FK CONSTRAINT"]
+
+    caplog.set_level("INFO", logger="pgbackup")
+    restore.restore_set(dump.set_path, key, databases=[source], target_db=source + "_copy", jobs=2)
+    taken = [
+        list(
+            map(
+                int,
+                re.search(r"public.plays: pieces taken by each loader: ([\d, ]+)", message)
+                .group(1)
+                .split(", "),
+            )
+        )
+        for message in caplog.messages
+        if "pieces taken by each loader" in message
+    ]
+    # Two loaders; which takes how many depends on who is ready first.
+    assert len(taken) == 1 and len(taken[0]) == 2 and sum(taken[0]) >= 4, caplog.messages
+    assert _plays(source + "_copy") == _plays(source)
+    assert fingerprint_indexes(source + "_copy") == fingerprint_indexes(source)
+    with pytest.raises(Exception, match="violates foreign key"):
+        query(source + "_copy", "INSERT INTO plays (title_id) VALUES (999999)")
+    # One table alone: both loaders take pieces of it.
+    query(
+        source,
+        "DROP TABLE plays; DROP TABLE titles;"
+        " CREATE TABLE plays (id int PRIMARY KEY, title text, note text, detail jsonb)",
+    )
+    query(
+        source,
+        _AWKWARD_ROWS.replace("INSERT INTO plays (", "INSERT INTO plays (id, ")
+        .replace("SELECT 'tïtle", "SELECT g, 'tïtle")
+        .replace("ROWS", "30000"),
+    )
+    path = backup.create_backup_set(
+        str(tmp_path / "one"), recipients, databases=[source], dump_format=dump_format
+    )["path"]
+    caplog.clear()
+    restore.restore_set(path, key, databases=[source], target_db=source + "_one", jobs=2)
+    assert _plays(source + "_one") == _plays(source)
+    assert any(re.search(r"pieces taken by each loader: [1-9]\d*, [1-9]", m) for m in caplog.messages), (
+        caplog.messages
+    )
+
+
+@pytest.mark.parametrize("short_of_the_end", [1, 2, 3, 5, 6])
+def test_a_dealt_file_is_never_cut_inside_its_end_of_copy_lines(
+    new_db, key, tmp_path, recipients, monkeypatch, short_of_the_end
+):
+    """pg_dump ends a table's data with "\\.", then two empty lines, which the server
+    ignores only after that line: a piece that began with them would load empty rows.
+    Pieces read so that one would end a few bytes short of the file's end."""
+    source = new_db("ending")
+    query(source, "CREATE TABLE plays (id int, title text)")
+    query(source, "INSERT INTO plays SELECT g, md5(g::text) FROM generate_series(1, 2000) g")
+    dump, archive = dump_of(source, key, tmp_path, recipients, "directory")
+    (entry,) = [entry for entry in archive.entries if entry.desc == "TABLE DATA"]
+    size = dump.size_of(entry)
+    monkeypatch.setattr(restore.Dealer, "PIECE_BYTES", size - short_of_the_end)
+    pieces = list(dump.dealer(entry, archive)._directory_pieces(threading.Event()))
+    assert b"".join(pieces).endswith(b"\\.\n\n\n") and len(b"".join(pieces)) == size
+    assert len(pieces) > 1 and all(piece.endswith(b"\n") for piece in pieces)
+    assert not [piece for piece in pieces if piece.startswith(b"\n")], pieces[1:]
+
+
+def fingerprint_indexes(dbname):
+    return query(
+        dbname,
+        "SELECT pg_get_indexdef(indexrelid), indisprimary FROM pg_index"
+        " WHERE indrelid::regclass::text IN ('plays', 'titles') ORDER BY 1",
+    )
 
 
 def test_manifest_describes_the_set(rich_set, key):
@@ -440,9 +563,11 @@ def test_restore_is_refused_when_the_server_lacks_the_space(rich_set, key, recip
     assert fingerprint(rich_db + "_y") == fingerprint(rich_db)
 
 
-@pytest.mark.parametrize("dump_format", ["custom", "directory"])
+@pytest.mark.parametrize(
+    ("dump_format", "dealt"), [("custom", False), ("custom", True), ("directory", False), ("directory", True)]
+)
 def test_a_failure_in_the_last_chunk_of_the_last_table_leaves_the_target_untouched(
-    rich_db, key, tmp_path, recipients, dump_format
+    rich_db, key, tmp_path, recipients, dump_format, dealt, monkeypatch
 ):
     """The largest table's file (loaded last to finish) fails in its final chunk, after
     its rows went into the scratch database: the scratch database is dropped and the
@@ -454,6 +579,11 @@ def test_a_failure_in_the_last_chunk_of_the_last_table_leaves_the_target_untouch
         " FROM generate_series(1, 80000) g",
     )
     jobs = 2 if dump_format == "directory" else 1
+    if dealt:
+        # The bulky table is dealt to both loaders (restore.Dealer): the failure reaches
+        # both, after both have loaded pieces of it (a custom set's, when the dealer
+        # reads on to the file's end, or the loader of a later table).
+        monkeypatch.setattr(load, "DEAL_MIN_BYTES", 1 << 20)
     path = backup.create_backup_set(
         str(tmp_path / "b"), recipients, databases=[rich_db], dump_format=dump_format, jobs=jobs
     )["path"]

@@ -5,20 +5,25 @@ pg_restore), the data (--jobs pg_restore processes side by side, each loading it
 share of the tables, shared out by size, and building their indexes once loaded),
 then foreign keys, triggers and the rest (one `pg_restore --jobs`, which orders them
 by its restore passes and never runs two that lock the same table at once). The
-schema and the data phases' pg_restore read a custom archive from standard input: a
-directory set's entries become one, written here (pgarchive) from its decrypted
-files; a custom set streams whole into each data loader, which skips the blocks of
-tables given to another. The final pass needs no data and a file it can seek and
-reopen: its header and entries alone, in memory (memfd), never on disk. (pg_restore
-15.20 and later refuse named pipes in a directory archive.)
+largest table, when large, is dealt a piece of rows at a time to every loader, each
+taking part once its own share is loaded (restore.Dealer): without that, a restore
+spends most of its time on that one table's single COPY, as pg_restore --jobs does.
+The schema and the data phases' pg_restore read a custom archive from standard
+input: a directory set's entries become one, written here (pgarchive) from its
+decrypted files. A custom set streams whole into each data loader, which skips the
+blocks of tables given to another; when a table is dealt, each loader is given its
+own blocks alone, found in its stream of the file (pgarchive.BlockScanner). The
+final pass needs no data and a file it can seek and reopen: its header and entries
+alone, in memory (memfd), never on disk. (pg_restore 15.20 and later refuse named
+pipes in a directory archive.)
 
 No plaintext reaches the disk (the lists of entries each pg_restore restores are the
 only files), and pg_restore reads only authenticated bytes. A directory set's file is
 checked whole (final chunk, size, hash) before its data ends; a custom set's, by the
-loader that reads furthest; any file still unchecked after the data is checked
-before the final pass. Any failure stops every pg_restore at once. The caller renames
-the loaded database into place only after this returns, that is once every file of
-the dump has been checked.
+loader that reads furthest, or by the dealer, which reads it to its end; any file
+still unchecked after the data is checked before the final pass. Any failure stops
+every pg_restore at once. The caller renames the loaded database into place only
+after this returns, that is once every file of the dump has been checked.
 """
 
 from __future__ import annotations
@@ -53,12 +58,15 @@ def load_database(dump, target: str, jobs: int):
             )
         dump.check_the_rest()
         return
-    loads, final_pass = plan_load(archive, dump, jobs)
+    loads, final_pass, dealt = plan_load(archive, dump, jobs)
+    dealer = dump.dealer(dealt, archive) if dealt is not None else None
     log.info(
-        "loading %s into %s: schema, then data in %d loader(s), then foreign keys and the rest",
+        "loading %s into %s: schema, then data in %d loader(s)%s%s",
         dump.name,
         target,
         len(loads),
+        f", table {dealt.qualified_name} dealt to all of them" if dealt is not None else "",
+        ", then foreign keys and the rest" if final_pass else "",
     )
     with tempfile.TemporaryDirectory(prefix="pgbackup-restore-") as lists:
         _Phase(f"pg_restore of database {dump.name!r} (schema)").run(
@@ -76,13 +84,20 @@ def load_database(dump, target: str, jobs: int):
             default=None,
         )
         loaders = [
-            _directory_job(lists, f"data-{number}", archive, target, listed, dump)
-            if dump.is_directory
+            _blocks_job(lists, f"data-{number}", archive, target, listed, dump, dealer)
+            if dump.is_directory or dealer is not None
             else _custom_job(lists, f"data-{number}", target, listed, dump, check_whole=number == furthest)
             for number, listed in enumerate(loads)
         ]
         if loaders:
             _Phase(f"pg_restore of database {dump.name!r} (data)").run(loaders)
+        if dealer is not None:
+            dealer.check()
+            log.info(
+                "%s: pieces taken by each loader: %s",
+                dealt.qualified_name,
+                ", ".join(map(str, dealer.pieces_taken)),
+            )
         dump.check_the_rest()
         if final_pass:
             with _in_memory(pgarchive.write_toc(archive)) as toc:
@@ -91,14 +106,25 @@ def load_database(dump, target: str, jobs: int):
                 )
 
 
+# The largest table is dealt to every loader (see restore.Dealer) when its data is at
+# least this large (a directory set's file, a custom set's table at backup time);
+# below it, one COPY is soon done.
+DEAL_MIN_BYTES = 64 << 20
+
+
 def plan_load(
     archive: pgarchive.Archive, dump, jobs: int
-) -> tuple[list[list[pgarchive.Entry]], list[pgarchive.Entry]]:
+) -> tuple[list[list[pgarchive.Entry]], list[pgarchive.Entry], pgarchive.Entry | None]:
     """What each pg_restore after the schema's restores: the data loaders' lists (a share
     of the tables, then their indexes, built once their data is in while the others
-    still load, as pg_restore --jobs overlaps them), and the final pass's entries."""
+    still load, as pg_restore --jobs overlaps them); the final pass's entries; and the
+    table dealt to every loader, if any: each loader takes part in its COPY after its
+    own tables' data, before their indexes."""
     # A schema without data (functions, views only) has nothing to share out.
     shares = _share_out(archive, dump, jobs) if archive.data_entries() else []
+    dealt = _dealt_table(archive, dump, jobs, shares)
+    if dealt is not None:
+        shares += [[] for _ in range(jobs - len(shares))]
     early = _indexes_of(archive, shares)
     sections = archive.sections()
     built_early = {entry.dump_id for own in early for entry in own}
@@ -107,7 +133,28 @@ def plan_load(
         for entry in archive.entries
         if sections[entry.dump_id] == pgarchive.SECTION_POST_DATA and entry.dump_id not in built_early
     ]
-    return [share + own for share, own in zip(shares, early, strict=True)], final_pass
+    loads = [
+        share + own if dealt is None else [*(entry for entry in share if entry is not dealt), dealt, *own]
+        for share, own in zip(shares, early, strict=True)
+    ]
+    return loads, final_pass, dealt
+
+
+def _dealt_table(archive, dump, jobs: int, shares: list[list[pgarchive.Entry]]) -> pgarchive.Entry | None:
+    """The table whose COPY every loader shares: the largest, when it is large enough
+    to be worth it and its data is COPY text, which can be cut between rows."""
+    if jobs < 2:
+        return None
+    largest = max(
+        (entry for share in shares for entry in share if entry.has_data), key=dump.size_of, default=None
+    )
+    if (
+        largest is None
+        or not pgarchive.is_copy_text(archive, largest)
+        or dump.size_of(largest) < DEAL_MIN_BYTES
+    ):
+        return None
+    return largest
 
 
 def _share_out(archive: pgarchive.Archive, dump, jobs: int) -> list[list[pgarchive.Entry]]:
@@ -220,17 +267,15 @@ def _schema_job(folder, name, archive, target, options, share) -> _Job:
     return _Job(_pg_restore(target, ["--format=custom", *options, *_listed(folder, name, share)]), feed)
 
 
-def _directory_job(folder, name, archive, target, share, dump) -> _Job:
-    """pg_restore of `share` of a directory set: the archive's header and entries, then
-    the data of the share's entries in its order, written from the set's files."""
+def _blocks_job(folder, name, archive, target, share, dump, dealer=None) -> _Job:
+    """pg_restore of `share`: the archive's header and entries, then the data of the
+    share's entries in its order (DumpFiles.feed_entries), of the dealt table the
+    pieces this loader takes (dealer: a restore.Dealer)."""
     head = pgarchive.write_toc(archive, with_data={entry.dump_id for entry in share if entry.has_data})
 
     def feed(stdin, stop: threading.Event):
         stdin.write(head)
-        for entry in share:
-            if stop.is_set():
-                return
-            dump.feed_entry(entry, archive, stdin)
+        dump.feed_entries(share, archive, stdin, stop, dealer)
 
     return _Job(_pg_restore(target, ["--format=custom", *_listed(folder, name, share)]), feed)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import CorruptError
+from .errors import CorruptError, PgBackupError
 
 MAGIC = b"PGDMP"
 FORMAT_CUSTOM = 1
@@ -59,6 +59,19 @@ class Entry:
     dependencies: list[str] = field(default_factory=list)
     has_data: bool = False
     file_name: str | None = None
+
+    @property
+    def qualified_name(self) -> str:
+        """schema.name, for messages (the namespace field; catalog holds oids)."""
+        namespace = self.fields[3] if len(self.fields) > 3 else None
+        return f"{namespace}.{self.tag}" if isinstance(namespace, str) and namespace else str(self.tag)
+
+    @property
+    def copy_statement(self) -> str | None:
+        """The COPY ... FROM stdin a TABLE DATA entry's rows are loaded with (its data is
+        then COPY text, a row to a line); None for data of another kind (INSERTs)."""
+        statement = self.fields[2] if len(self.fields) > 2 else None
+        return statement if isinstance(statement, str) and statement.startswith("COPY ") else None
 
 
 @dataclass
@@ -268,3 +281,181 @@ def data_block(archive: Archive, entry: Entry) -> bytes:
     return bytes((BLOCK_BLOBS if entry.desc == "BLOBS" else BLOCK_DATA,)) + encode_integer(
         entry.dump_id, archive.int_size
     )
+
+
+class BlockScanner:
+    """The data blocks of an uncompressed custom archive, read from a stream after its
+    table of contents (read_archive), passed on or skipped in pieces of about a MiB:
+    a block, a table's data, can be gigabytes.
+
+    Each block must be where the table of contents puts it (its entries with data, in
+    order), or the stream is refused. The end of a table's COPY text is found without
+    walking its rows, each its own chunk (pg_dump -Z0 writes one per row): COPY text
+    holds no NUL byte and a raw newline only at a row's end, so a newline followed by
+    the zero length that ends the data (int_size + 1 zero bytes) is that end and can be
+    nothing else. Any other block is walked chunk by chunk.
+    """
+
+    def __init__(self, read, archive: Archive, name: str, read_bytes: int = 1 << 20, stop=None):
+        """stop: a threading.Event; once set, the next read raises instead."""
+        self._read = read
+        self._stop = stop
+        self._archive = archive
+        self.name = name
+        self._read_bytes = read_bytes
+        self._buffer = bytearray()
+        self._position = 0  # the first byte not yet passed on or skipped
+        self._blocks = iter([entry for entry in archive.entries if entry.has_data])
+        self._size = 1 + archive.int_size  # of an integer: a sign byte, then its magnitude
+
+    def _more(self) -> int | None:
+        """Read on, first dropping what was passed on; how many bytes were dropped (the
+        buffer's indexes move down by that much), or None at the end of the stream."""
+        dropped = 0
+        if self._position >= self._read_bytes:
+            # A few bytes before the position stay: an end mark's newline may be there.
+            dropped = self._position - self._size
+            del self._buffer[:dropped]
+            self._position -= dropped
+        if self._stop is not None and self._stop.is_set():
+            raise PgBackupError(f"{self.name}: stopped reading")
+        block = self._read(self._read_bytes)
+        if not block:
+            return None
+        self._buffer += block
+        return dropped
+
+    def _need(self, size: int, what: str):
+        while len(self._buffer) - self._position < size:
+            if self._more() is None:
+                raise CorruptError(f"{self.name}: the archive ends inside {what}")
+
+    def _integer(self, what: str) -> int:
+        self._need(self._size, what)
+        raw = self._take(self._size)
+        value = int.from_bytes(raw[1:], "little")
+        return -value if raw[0] else value
+
+    def _take(self, size: int) -> bytes:
+        piece = bytes(self._buffer[self._position : self._position + size])
+        self._position += size
+        return piece
+
+    def next_block(self, entry: Entry):
+        """Read on to `entry`'s block, skipping the blocks before it, and past its header."""
+        for expected in self._blocks:
+            what = f"the data of entry {expected.dump_id}"
+            self._need(1, what)
+            kind = self._take(1)[0]
+            found = self._integer(what)
+            wanted = BLOCK_BLOBS if expected.desc == "BLOBS" else BLOCK_DATA
+            if (kind, found) != (wanted, expected.dump_id):
+                raise CorruptError(
+                    f"{self.name}: a data block of kind {kind} for entry {found} where the table of "
+                    f"contents puts entry {expected.dump_id}'s"
+                )
+            if expected is entry:
+                return
+            for _ in self.body(expected):
+                pass
+        raise CorruptError(f"{self.name}: entry {entry.dump_id} has no data block after this point")
+
+    def body(self, entry: Entry):
+        """The rest of the block just entered (next_block), its end included, in pieces."""
+        if is_copy_text(self._archive, entry):
+            yield from self.rows(entry)
+        else:
+            yield from self._walked(entry.desc == "BLOBS")
+        yield encode_integer(0, self._archive.int_size)
+
+    def _walked(self, blobs: bool):
+        """A block's chunks (of large objects, each object's oid, chunks and end), walked
+        one by one; the zero that ends the block is consumed, not passed on."""
+        pieces: list[bytes] = []
+        held = 0
+        while True:
+            if blobs:
+                oid = self._integer("a large object's oid")
+                if oid == 0:
+                    break
+                pieces.append(encode_integer(oid, self._archive.int_size))
+            while (length := self._integer("a chunk's length")) != 0:
+                if length < 0:
+                    raise CorruptError(f"{self.name}: a chunk of length {length}")
+                self._need(length, "a chunk")
+                pieces += (encode_integer(length, self._archive.int_size), self._take(length))
+                held += length
+                if held >= self._read_bytes:
+                    yield b"".join(pieces)
+                    pieces, held = [], 0
+            if not blobs:
+                break
+            pieces.append(encode_integer(0, self._archive.int_size))
+        if pieces:
+            yield b"".join(pieces)
+
+    def rows(self, entry: Entry, piece_bytes: int | None = None):
+        """A COPY table's chunks, in pieces; the end of its data is consumed, not passed
+        on. piece_bytes: each piece at least that large (but the last) and ending where
+        a chunk ends, so that loaders given some each frame them as their own data;
+        None: pieces cut anywhere."""
+        size = self._size
+        end_mark = b"\n" + bytes(size)
+        self._need(size, f"the data of entry {entry.dump_id}")
+        if not any(self._buffer[self._position : self._position + size]):
+            self._position += size  # no rows
+            return
+        # Where the newline of an end mark may be: after the first chunk's length.
+        lowest = self._position + size
+        searched = lowest
+        while True:
+            found = self._buffer.find(end_mark, max(lowest, searched - len(end_mark) + 1))
+            if found >= 0:
+                if found + 1 > self._position:
+                    yield self._take(found + 1 - self._position)
+                self._need(size, f"the end of the data of entry {entry.dump_id}")
+                self._position += size
+                return
+            searched = len(self._buffer)
+            if searched - self._position >= (piece_bytes or self._read_bytes):
+                # An end mark may begin in the buffer's last bytes: never pass them on.
+                cut = self._last_chunk_end(piece_bytes) if piece_bytes else searched - len(end_mark) + 1
+                if cut > self._position:
+                    yield self._take(cut - self._position)
+            dropped = self._more()
+            if dropped is None:
+                raise CorruptError(f"{self.name}: the archive ends inside the data of entry {entry.dump_id}")
+            lowest, searched = max(lowest - dropped, 0), searched - dropped
+
+    def _last_chunk_end(self, piece_bytes: int) -> int:
+        """A place in the buffer, piece_bytes or more past the position, where one chunk
+        of COPY text ends and the next begins; the position when there is none yet.
+        Found from the end without walking: a newline, then a zero sign byte, and no
+        zero byte in the int_size + 1 bytes before the newline (a newline inside a
+        chunk's length has that length's sign byte, a zero, at most int_size bytes
+        before it). Rows shorter than that leave no such place: then the chunks are
+        walked from the position, which is where one begins."""
+        size = self._size
+        lowest = self._position + max(piece_bytes, size + 1)
+        end = len(self._buffer)
+        for _ in range(16):
+            newline = self._buffer.rfind(b"\n\x00", lowest, end)
+            if newline < 0:
+                break
+            if self._buffer.find(b"\x00", newline - size, newline) < 0:
+                return newline + 1
+            end = newline + 1
+        position, goal, available = self._position, self._position + piece_bytes, len(self._buffer)
+        while position < goal and position + size <= available:
+            following = (
+                position + size + int.from_bytes(self._buffer[position + 1 : position + size], "little")
+            )
+            if self._buffer[position] or following == position + size or following > available:
+                break  # a negative length, the end of the data, or a chunk not read yet
+            position = following
+        return position if position >= goal else self._position
+
+
+def is_copy_text(archive: Archive, entry: Entry) -> bool:
+    """Whether an entry's data is COPY text, uncompressed: rows that end in a newline."""
+    return entry.desc == "TABLE DATA" and entry.copy_statement is not None and not archive.compression

@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import os
+import queue
 import re
 import subprocess
 import threading
@@ -426,6 +427,44 @@ class DumpFiles:
             self._copy_chunks(name, archive, out)
         out.write(pgarchive.encode_integer(0, archive.int_size))
 
+    def open_checked(self, file_name: str) -> CheckedFile:
+        return CheckedFile(self.set_path, self._entry(file_name), self.keys, self.record)
+
+    def dealer(self, entry: pgarchive.Entry, archive: pgarchive.Archive) -> Dealer:
+        """A table whose data (uncompressed COPY text) to deal to several loaders."""
+        if not pgarchive.is_copy_text(archive, entry):
+            raise PgBackupError(
+                f"entry {entry.dump_id} of {self.name!r} cannot be dealt: its data is not COPY text"
+            )
+        return Dealer(self, entry, archive)
+
+    def feed_entries(self, entries, archive: pgarchive.Archive, out, stop: threading.Event, dealer=None):
+        """Write the data blocks of `entries` to out (a pg_restore's standard input), in
+        their order: a directory set's from its files; a custom set's from a stream of
+        its file of this loader's own (the blocks of other entries skipped; the entries
+        in the file's order); the dealt table's (if any) from the dealer."""
+        with contextlib.ExitStack() as files:
+            scanner = None
+            for entry in entries:
+                if stop.is_set():
+                    return
+                if not entry.has_data:
+                    continue
+                if dealer is not None and entry is dealer.entry:
+                    dealer.take(out, stop)
+                elif self.is_directory:
+                    self.feed_entry(entry, archive, out)
+                else:
+                    if scanner is None:
+                        (file_name,) = self._files
+                        plain = files.enter_context(self.open_checked(file_name))
+                        pgarchive.read_archive(plain.read, plain.path)
+                        scanner = pgarchive.BlockScanner(plain.read, archive, plain.path, stop=stop)
+                    scanner.next_block(entry)
+                    out.write(pgarchive.data_block(archive, entry))
+                    for piece in scanner.body(entry):
+                        out.write(piece)
+
     def feed_whole(self, target, stop: threading.Event, check_whole: bool = True):
         """Stream a custom archive whole into target (a pg_restore's standard input),
         each chunk authenticated before it is written. When pg_restore has what it needs
@@ -452,6 +491,151 @@ class DumpFiles:
             if file_name not in self._checked:
                 decrypt_checked(self.set_path, entry, self.keys, _Discard(), self.record)
                 self._mark_checked(file_name)
+
+
+class Dealer:
+    """One table's data dealt to several pg_restore processes at once, so that the
+    loaders that have finished their own tables share the largest one's COPY rather
+    than wait for it. One thread decrypts the table's data and cuts it into pieces of
+    whole rows; each loader takes the next piece when it is ready for one. A directory
+    set's file is COPY text: a row ends in a raw newline (one inside a value is
+    escaped). A custom set's table is found in the file's one stream and cut where a
+    row's chunk ends (pgarchive.BlockScanner), and the thread reads on to the file's
+    end. Pieces are taken in order, so the table's physical row order differs from the
+    dump's only between neighbouring pieces. The file is checked whole (final chunk,
+    size, hash) before the last piece is handed out; any failure reaches every taker."""
+
+    _END = object()
+    _TABLE_END = object()
+    # Pieces decrypted ahead of the loaders: memory is this many pieces of about a MiB.
+    _AHEAD = 4
+    PIECE_BYTES = 1 << 20
+
+    def __init__(self, dump: DumpFiles, entry: pgarchive.Entry, archive: pgarchive.Archive):
+        self._dump = dump
+        self.entry = entry
+        self._archive = archive
+        self._pieces: queue.Queue = queue.Queue(maxsize=self._AHEAD)
+        self._lock = threading.Lock()
+        self._started = False
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self.pieces_taken: list[int] = []
+
+    def _start(self, stop: threading.Event):
+        with self._lock:
+            if not self._started:
+                self._started = True
+                self._thread = threading.Thread(
+                    target=self._cut, args=(stop,), name="pgbackup-deal", daemon=True
+                )
+                self._thread.start()
+
+    def _put(self, item, stop: threading.Event):
+        while not stop.is_set():
+            try:
+                self._pieces.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _cut(self, stop: threading.Event):
+        table_ended = False
+        try:
+            pieces = self._directory_pieces(stop) if self._dump.is_directory else self._custom_pieces(stop)
+            held = None  # each piece waits for the next: a directory set's last, for the check
+            for piece in pieces:
+                if stop.is_set():
+                    return
+                if piece is self._TABLE_END:
+                    break
+                if held is not None:
+                    self._put(held, stop)
+                held = piece
+            if held is not None:
+                self._put(held, stop)
+            self._put(self._END, stop)
+            table_ended = True
+            for _ in pieces:  # a custom set's file: read on to its end, and check it
+                pass
+        except BaseException as error:
+            if table_ended:
+                self._failure = error  # raised by check(), before the load ends
+            else:
+                self._put(error, stop)  # raised by every taker
+
+    def check(self):
+        """After the data phase: wait for the rest of a custom set's file to be read and
+        checked, and raise what failed there."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+
+    def _directory_pieces(self, stop: threading.Event):
+        file_name = self._dump._data_file_name(self.entry)
+        # pg_dump ends a table's data with the end-of-copy line and two empty lines
+        # ("\\.\n\n\n"), after which the server ignores the rest of a COPY: never
+        # cut inside them, or a loader would be given empty lines as rows.
+        last_cut = self._dump._entry(file_name)["plaintext_size"] - len(b"\\.\n\n\n")
+        with self._dump.open_checked(file_name) as plain:
+            tail, read = b"", 0
+            for block in plain.blocks(self.PIECE_BYTES):
+                if stop.is_set():
+                    return
+                end = block.rfind(b"\n", 0, max(last_cut - read, 0)) + 1
+                read += len(block)
+                if not end:
+                    tail += block
+                    continue
+                yield tail + block[:end]
+                tail = block[end:]
+            plain.finish()
+        self._dump._mark_checked(file_name)
+        # A tail without its newline goes last, whole: COPY refuses it as it would
+        # from pg_restore.
+        if tail:
+            yield tail
+
+    def _custom_pieces(self, stop: threading.Event):
+        (file_name,) = self._dump._files
+        with self._dump.open_checked(file_name) as plain:
+            pgarchive.read_archive(plain.read, plain.path)  # the entries are self._archive's
+            scanner = pgarchive.BlockScanner(plain.read, self._archive, plain.path, stop=stop)
+            scanner.next_block(self.entry)
+            yield from scanner.rows(self.entry, self.PIECE_BYTES)
+            yield self._TABLE_END
+            while not stop.is_set() and plain.read(1 << 20):
+                pass
+            if stop.is_set():
+                return
+            plain.finish()
+        self._dump._mark_checked(file_name)
+
+    def take(self, out, stop: threading.Event):
+        """Write the entry's data block to out (a pg_restore's standard input): the
+        pieces this loader takes, as they come, then the end of the data."""
+        self._start(stop)
+        int_size = self._archive.int_size
+        out.write(pgarchive.data_block(self._archive, self.entry))
+        taken = 0
+        while not stop.is_set():
+            try:
+                piece = self._pieces.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if piece is self._END or isinstance(piece, BaseException):
+                self._pieces.put(piece)  # for the other takers; the cutter has ended
+                if piece is not self._END:
+                    raise piece
+                out.write(pgarchive.encode_integer(0, int_size))
+                break
+            if self._dump.is_directory:  # a custom set's pieces are chunks already
+                out.write(pgarchive.encode_integer(len(piece), int_size))
+            out.write(piece)
+            taken += 1
+        with self._lock:
+            self.pieces_taken.append(taken)
 
 
 def _restore_globals(set_path: str, record: dict, keys: KeyRing):
