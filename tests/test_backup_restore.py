@@ -130,9 +130,10 @@ def test_the_largest_table_is_dealt_to_every_loader_row_for_row(
     new_db, key, tmp_path, recipients, monkeypatch, caplog, dump_format
 ):
     """The largest table's file is cut into pieces of whole rows, each taken by the
-    loader ready for one: both loaders take pieces (one of them also owns a smaller
-    table), and the restored table holds the same rows, byte for byte, with its key and
-    index built once and its foreign key checked."""
+    loader ready for one, after its own tables and their indexes; the loader whose share
+    it was then builds its key and index. The restored table holds the same rows, byte
+    for byte, with its foreign key checked. With the table alone, both loaders take
+    pieces of it."""
     source = new_db("dealt")
     query(
         source,
@@ -147,11 +148,17 @@ def test_the_largest_table_is_dealt_to_every_loader_row_for_row(
     dump, archive = dump_of(source, key, tmp_path, recipients, dump_format)
     loads, final_pass, dealt = load.plan_load(archive, dump, jobs=2)
     assert (dealt.desc, dealt.tag) == ("TABLE DATA", "plays")
-    assert all(dealt in listed for listed in loads) and len(loads) == 2
+    assert len(loads) == 2
+    after = [listed[listed.index(dealt) + 1 :] for listed in loads]
     for listed in loads:
-        # After the loader's own data, before any index: the dealt COPY is the long one.
-        sections = [entry.section for entry in listed]
-        assert sections == sorted(sections)
+        before = listed[: listed.index(dealt)]
+        assert [entry.tag for entry in before] == ["titles", "titles titles_pkey"] or not [
+            entry for entry in before if entry.has_data
+        ], "each loader's own tables, then their indexes, then the dealt table"
+    assert sorted(sorted(entry.tag for entry in built) for built in after) == [
+        [],
+        ["plays plays_pkey", "plays_title"],
+    ], "the dealt table's key and index, built by one loader after its part"
     assert [entry.desc for entry in final_pass] == ["FK CONSTRAINT"]
 
     caplog.set_level("INFO", logger="pgbackup")
@@ -567,7 +574,7 @@ def test_restore_is_refused_when_the_server_lacks_the_space(rich_set, key, recip
     ("dump_format", "dealt"), [("custom", False), ("custom", True), ("directory", False), ("directory", True)]
 )
 def test_a_failure_in_the_last_chunk_of_the_last_table_leaves_the_target_untouched(
-    rich_db, key, tmp_path, recipients, dump_format, dealt, monkeypatch
+    rich_db, key, tmp_path, recipients, dump_format, dealt, monkeypatch, caplog
 ):
     """The largest table's file (loaded last to finish) fails in its final chunk, after
     its rows went into the scratch database: the scratch database is dropped and the
@@ -598,9 +605,11 @@ def test_a_failure_in_the_last_chunk_of_the_last_table_leaves_the_target_untouch
         handle.seek(-1, os.SEEK_END)
         handle.write(bytes([last[0] ^ 0x01]))
     before = fingerprint(rich_db)
+    caplog.set_level("INFO", logger="pgbackup")
     with pytest.raises(CorruptError, match=r"chunk \d+ failed authentication") as failure:
         restore.restore_set(path, key, databases=[rich_db], force=True, jobs=2)
     assert int(re.search(r"chunk (\d+) failed", str(failure.value)).group(1)) >= 2
+    assert dealt == any("table public.bulky dealt to all of them" in message for message in caplog.messages)
     assert fingerprint(rich_db) == before
     assert databases_named("pgbackup_restore_") == []
     assert databases_named(rich_db + "_pre_restore_") == []

@@ -118,25 +118,35 @@ def plan_load(
     """What each pg_restore after the schema's restores: the data loaders' lists (a share
     of the tables, then their indexes, built once their data is in while the others
     still load, as pg_restore --jobs overlaps them); the final pass's entries; and the
-    table dealt to every loader, if any: each loader takes part in its COPY after its
-    own tables' data, before their indexes."""
+    table dealt to every loader, if any.
+
+    Each loader takes part in the dealt table's COPY last, once its own tables and
+    their indexes are in; the loader whose share it was then builds its indexes. So
+    no loader waits on a lock of the dealt table with work of its own still to do: a
+    loader that comes to it after the last piece is gone still runs its (empty) COPY,
+    which waits for those index builds, but has nothing after it."""
     # A schema without data (functions, views only) has nothing to share out.
     shares = _share_out(archive, dump, jobs) if archive.data_entries() else []
     dealt = _dealt_table(archive, dump, jobs, shares)
-    if dealt is not None:
+    if dealt is None:
+        own_tables, dealt_indexes = shares, []
+    else:
         shares += [[] for _ in range(jobs - len(shares))]
-    early = _indexes_of(archive, shares)
+        own_tables = [[entry for entry in share if entry is not dealt] for share in shares]
+        (dealt_indexes,) = _indexes_of(archive, [[dealt]])
+    early = _indexes_of(archive, own_tables)
     sections = archive.sections()
-    built_early = {entry.dump_id for own in early for entry in own}
+    built_early = {entry.dump_id for own in [*early, dealt_indexes] for entry in own}
     final_pass = [
         entry
         for entry in archive.entries
         if sections[entry.dump_id] == pgarchive.SECTION_POST_DATA and entry.dump_id not in built_early
     ]
-    loads = [
-        share + own if dealt is None else [*(entry for entry in share if entry is not dealt), dealt, *own]
-        for share, own in zip(shares, early, strict=True)
-    ]
+    loads = []
+    for share, tables, own in zip(shares, own_tables, early, strict=True):
+        loads.append(tables + own)
+        if dealt is not None:
+            loads[-1] += [dealt, *(dealt_indexes if any(entry is dealt for entry in share) else [])]
     return loads, final_pass, dealt
 
 

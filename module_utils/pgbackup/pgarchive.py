@@ -441,6 +441,8 @@ class BlockScanner:
         for _ in range(16):
             newline = self._buffer.rfind(b"\n\x00", lowest, end)
             if newline < 0:
+                if end == len(self._buffer):
+                    return self._position  # nothing to tell yet (a long row): read on
                 break
             if self._buffer.find(b"\x00", newline - size, newline) < 0:
                 return newline + 1

@@ -502,8 +502,10 @@ class Dealer:
     escaped). A custom set's table is found in the file's one stream and cut where a
     row's chunk ends (pgarchive.BlockScanner), and the thread reads on to the file's
     end. Pieces are taken in order, so the table's physical row order differs from the
-    dump's only between neighbouring pieces. The file is checked whole (final chunk,
-    size, hash) before the last piece is handed out; any failure reaches every taker."""
+    dump's only between neighbouring pieces. A directory set's file is checked whole
+    (final chunk, size, hash) before its last piece is handed out; a custom set's, as
+    the thread reads on past the table, and check() raises what failed there once the
+    data is in. A failure before the table's end reaches every taker."""
 
     _END = object()
     _TABLE_END = object()
@@ -579,7 +581,7 @@ class Dealer:
         # cut inside them, or a loader would be given empty lines as rows.
         last_cut = self._dump._entry(file_name)["plaintext_size"] - len(b"\\.\n\n\n")
         with self._dump.open_checked(file_name) as plain:
-            tail, read = b"", 0
+            tail, read = bytearray(), 0  # a row longer than a block grows here
             for block in plain.blocks(self.PIECE_BYTES):
                 if stop.is_set():
                     return
@@ -588,14 +590,14 @@ class Dealer:
                 if not end:
                     tail += block
                     continue
-                yield tail + block[:end]
-                tail = block[end:]
+                yield bytes(tail) + block[:end]
+                tail = bytearray(block[end:])
             plain.finish()
         self._dump._mark_checked(file_name)
         # A tail without its newline goes last, whole: COPY refuses it as it would
         # from pg_restore.
         if tail:
-            yield tail
+            yield bytes(tail)
 
     def _custom_pieces(self, stop: threading.Event):
         (file_name,) = self._dump._files
