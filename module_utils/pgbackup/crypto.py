@@ -966,11 +966,11 @@ def read_ahead(next_block, depth: int = 4):
         try:
             while not stop.is_set():
                 block = next_block()
-                _put(blocks, block, stop)
+                put_until_stopped(blocks, block, stop)
                 if not block:
                     return
         except BaseException as error:  # handed to the consumer, raised there
-            _put(blocks, error, stop)
+            put_until_stopped(blocks, error, stop)
 
     thread = threading.Thread(target=produce, name="pgbackup-read-ahead", daemon=True)
     thread.start()
@@ -987,7 +987,8 @@ def read_ahead(next_block, depth: int = 4):
         thread.join(timeout=5)
 
 
-def _put(blocks: queue.Queue, item, stop: threading.Event):
+def put_until_stopped(blocks: queue.Queue, item, stop: threading.Event):
+    """Put item in a bounded queue, waiting for room unless and until stop is set."""
     while not stop.is_set():
         try:
             blocks.put(item, timeout=0.2)

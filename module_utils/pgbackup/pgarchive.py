@@ -337,7 +337,9 @@ class BlockScanner:
         return -value if raw[0] else value
 
     def _take(self, size: int) -> bytes:
-        piece = bytes(self._buffer[self._position : self._position + size])
+        # Through a view: slicing the bytearray itself would copy the piece twice.
+        with memoryview(self._buffer) as view:
+            piece = bytes(view[self._position : self._position + size])
         self._position += size
         return piece
 

@@ -21,7 +21,15 @@ import subprocess
 import threading
 
 from . import manifest, pg, pgarchive
-from .crypto import VERSION_PUBLIC_KEY, DecryptedReader, KeyRing, check_binding, check_structure, read_header
+from .crypto import (
+    VERSION_PUBLIC_KEY,
+    DecryptedReader,
+    KeyRing,
+    check_binding,
+    check_structure,
+    put_until_stopped,
+    read_header,
+)
 from .errors import CorruptError, PgBackupError, RefusedError
 from .fsutil import check_set_folder, free_bytes, hold, open_no_follow
 from .load import load_database
@@ -400,7 +408,7 @@ class DumpFiles:
     def _copy_chunks(self, file_name: str, archive: pgarchive.Archive, out):
         """A file's plaintext as the chunks of a custom archive's data, each authenticated
         before it is written, then the end of the data."""
-        with CheckedFile(self.set_path, self._entry(file_name), self.keys, self.record) as plain:
+        with self.open_checked(file_name) as plain:
             for block in plain.blocks():
                 if block:  # a length of 0 would end the data
                     out.write(pgarchive.encode_integer(len(block), archive.int_size))
@@ -438,6 +446,15 @@ class DumpFiles:
             )
         return Dealer(self, entry, archive)
 
+    @contextlib.contextmanager
+    def custom_blocks(self, archive: pgarchive.Archive, stop: threading.Event):
+        """A custom set's file, decrypted from its start and read past its table of
+        contents (`archive`, read before), with a scanner of its data blocks."""
+        (file_name,) = self._files
+        with self.open_checked(file_name) as plain:
+            pgarchive.read_archive(plain.read, plain.path)
+            yield plain, pgarchive.BlockScanner(plain.read, archive, plain.path, stop=stop)
+
     def feed_entries(self, entries, archive: pgarchive.Archive, out, stop: threading.Event, dealer=None):
         """Write the data blocks of `entries` to out (a pg_restore's standard input), in
         their order: a directory set's from its files; a custom set's from a stream of
@@ -456,10 +473,7 @@ class DumpFiles:
                     self.feed_entry(entry, archive, out)
                 else:
                     if scanner is None:
-                        (file_name,) = self._files
-                        plain = files.enter_context(self.open_checked(file_name))
-                        pgarchive.read_archive(plain.read, plain.path)
-                        scanner = pgarchive.BlockScanner(plain.read, archive, plain.path, stop=stop)
+                        _plain, scanner = files.enter_context(self.custom_blocks(archive, stop))
                     scanner.next_block(entry)
                     out.write(pgarchive.data_block(archive, entry))
                     for piece in scanner.body(entry):
@@ -471,7 +485,7 @@ class DumpFiles:
         and ends: check_whole, read on to check the whole file (final chunk, size,
         hash); else stop there, leaving that to the loader that reads furthest."""
         (file_name,) = self._files
-        with CheckedFile(self.set_path, self._files[file_name], self.keys, self.record) as plain:
+        with self.open_checked(file_name) as plain:
             for block in plain.blocks():
                 if stop.is_set():
                     return
@@ -533,14 +547,6 @@ class Dealer:
                 )
                 self._thread.start()
 
-    def _put(self, item, stop: threading.Event):
-        while not stop.is_set():
-            try:
-                self._pieces.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
     def _cut(self, stop: threading.Event):
         table_ended = False
         try:
@@ -552,11 +558,11 @@ class Dealer:
                 if piece is self._TABLE_END:
                     break
                 if held is not None:
-                    self._put(held, stop)
+                    put_until_stopped(self._pieces, held, stop)
                 held = piece
             if held is not None:
-                self._put(held, stop)
-            self._put(self._END, stop)
+                put_until_stopped(self._pieces, held, stop)
+            put_until_stopped(self._pieces, self._END, stop)
             table_ended = True
             for _ in pieces:  # a custom set's file: read on to its end, and check it
                 pass
@@ -564,7 +570,7 @@ class Dealer:
             if table_ended:
                 self._failure = error  # raised by check(), before the load ends
             else:
-                self._put(error, stop)  # raised by every taker
+                put_until_stopped(self._pieces, error, stop)  # raised by every taker
 
     def check(self):
         """After the data phase: wait for the rest of a custom set's file to be read and
@@ -590,7 +596,7 @@ class Dealer:
                 if not end:
                     tail += block
                     continue
-                yield bytes(tail) + block[:end]
+                yield b"".join((tail, memoryview(block)[:end]))  # one copy
                 tail = bytearray(block[end:])
             plain.finish()
         self._dump._mark_checked(file_name)
@@ -601,9 +607,7 @@ class Dealer:
 
     def _custom_pieces(self, stop: threading.Event):
         (file_name,) = self._dump._files
-        with self._dump.open_checked(file_name) as plain:
-            pgarchive.read_archive(plain.read, plain.path)  # the entries are self._archive's
-            scanner = pgarchive.BlockScanner(plain.read, self._archive, plain.path, stop=stop)
+        with self._dump.custom_blocks(self._archive, stop) as (plain, scanner):
             scanner.next_block(self.entry)
             yield from scanner.rows(self.entry, self.PIECE_BYTES)
             yield self._TABLE_END
