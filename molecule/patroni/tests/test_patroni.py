@@ -37,7 +37,7 @@ WRITER = r"""
 import json, sys, time
 import psycopg
 
-conninfo, seconds, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+conninfo, seconds, out, old_leader = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
 acked, attempts, connection = [], 0, None
 deadline = time.monotonic() + seconds
 while time.monotonic() < deadline:
@@ -47,6 +47,9 @@ while time.monotonic() < deadline:
             connection = psycopg.connect(conninfo, autocommit=True, connect_timeout=2)
         connection.execute("INSERT INTO acked (id) VALUES (%s)", (attempts,))
         acked.append([attempts, time.time(), connection.info.host])
+        if connection.info.host != old_leader:
+            # Another member took the writes: a few seconds more of them, then stop.
+            deadline = min(deadline, time.monotonic() + 5)
     except psycopg.Error:
         if connection is not None:
             connection.close()
@@ -156,7 +159,9 @@ def test_the_base_backup_is_taken_on_the_leader_only(host, members):
         assert len(made) == (1 if name == leader else 0), (name, made)
 
 
-def start_writer(client, seconds) -> str:
+def start_writer(client, seconds, old_leader) -> str:
+    """Start a client that commits until `seconds` have passed or, sooner, until 5 s
+    after a member other than old_leader acknowledged one."""
     out = f"/tmp/writer-{time.time_ns()}.json"
     client.run(f"cat > /tmp/writer.py <<'EOF'\n{WRITER}\nEOF")
     conninfo = (
@@ -164,7 +169,7 @@ def start_writer(client, seconds) -> str:
         f"sslmode=verify-full sslrootcert=/etc/postgresql/ssl/peers.crt passfile={WRITER_PASSFILE}"
     )
     started = client.run(
-        f"setsid timeout {int(seconds) + 60} python3 /tmp/writer.py '{conninfo}' {seconds} {out} "
+        f"setsid timeout {int(seconds) + 60} python3 /tmp/writer.py '{conninfo}' {seconds} {out} {old_leader} "
         "> /tmp/writer.log 2>&1 < /dev/null &"
     )
     assert started.rc == 0, started.stderr
@@ -216,7 +221,7 @@ def failover(host, members, label, ttl, target) -> float:
     client = members[client_name]
     psql(members[old], "TRUNCATE acked", db="app")
     # Long enough for the commits before the kill (up to 30 s) and a failover of ttl + 5.
-    out = start_writer(client, seconds=ttl + 60)
+    out = start_writer(client, seconds=ttl + 60, old_leader=old)
     # Commits acknowledged before the kill, so that "none lost" has something to lose.
     wait_for(
         lambda: int(psql(members[old], "SELECT count(*) FROM acked", db="app")) >= 20,
